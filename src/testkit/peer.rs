@@ -1,0 +1,388 @@
+//! A process that plays Firecracker's part of a `Uffd` snapshot restore.
+//!
+//! It does what Firecracker does, in order: maps each region
+//! `MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE` (plus `MAP_HUGETLB` for 2 MiB
+//! pages), opens a userfaultfd `O_CLOEXEC|O_NONBLOCK` asking for
+//! `UFFD_FEATURE_EVENT_REMOVE` only, registers every region MISSING-only,
+//! connects, and sends the compact JSON with the one descriptor. Its main
+//! thread then writes two low pages before any other thread runs, as
+//! Firecracker's VMGenID and VMClock do during the load. With
+//! `--legacy` it plays v1.10/v1.11: `page_size_kib` only, and the
+//! connection closed right after the send.
+//!
+//! Then it takes commands on stdin, one per line, and answers each on
+//! stdout with a line starting `ok` or `err` (see [`Peer::command`]). A
+//! model of every 4 KiB page (snapshot bytes, zeros, or written with a
+//! seed) lets `read` check content byte for byte.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::handshake::{Flavor, encode};
+use crate::region::{PAGE_2M, PAGE_4K, RegionSpec};
+use crate::sys::mem::{Advice, Backing, Mapping, read_shared, write_shared};
+use crate::sys::sock::send_with_fds;
+use crate::sys::uffd::{Uffd, feature, register_mode};
+use crate::testkit::snapshot::{fill_snapshot, fill_written};
+
+/// The peer's command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PeerArgs {
+    /// The server's socket.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Seed the snapshot file was made with (to check content).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Region sizes in MiB, in handshake order (offsets follow).
+    #[arg(long = "region-mib", value_delimiter = ',', default_value = "32")]
+    pub regions_mib: Vec<u64>,
+    /// Page size: 4k or 2m.
+    #[arg(long, default_value = "4k")]
+    pub page: String,
+    /// Play Firecracker v1.10/v1.11.
+    #[arg(long)]
+    pub legacy: bool,
+    /// Skip the main thread's two writes after the handshake.
+    #[arg(long)]
+    pub no_boot_writes: bool,
+    /// Send this text instead of the regions' JSON.
+    #[arg(long)]
+    pub payload: Option<String>,
+    /// Which descriptors to attach: uffd, none, two, file.
+    #[arg(long, default_value = "uffd")]
+    pub fds: String,
+}
+
+/// What one 4 KiB page should hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Model {
+    Snapshot,
+    Zero,
+    Written(u64),
+}
+
+struct Guest {
+    maps: Vec<Mapping>,
+    specs: Vec<RegionSpec>,
+    model: Mutex<Vec<Model>>,
+    seed: u64,
+}
+
+/// The running peer.
+pub struct Peer {
+    guest: Arc<Guest>,
+    conn: Option<UnixStream>,
+    threads: HashMap<String, (JoinHandle<String>, i32)>,
+    _uffd: Uffd,
+}
+
+/// The boot writes' seeds and pages.
+pub const BOOT_WRITES: [(u64, u64); 2] = [(1, 0xb007), (2, 0xc10c)];
+
+impl Peer {
+    /// Maps memory, registers it and performs the handshake.
+    pub fn start(args: &PeerArgs) -> anyhow::Result<Peer> {
+        let page_size = match args.page.as_str() {
+            "4k" => PAGE_4K,
+            "2m" => PAGE_2M,
+            other => anyhow::bail!("page size {other}: use 4k or 2m"),
+        };
+        let backing = if page_size == PAGE_2M {
+            Backing::Huge2M
+        } else {
+            Backing::Small
+        };
+        let (uffd, _) = Uffd::open(feature::EVENT_REMOVE)?;
+        let mut maps = Vec::new();
+        let mut specs = Vec::new();
+        let mut offset = 0;
+        for mib in &args.regions_mib {
+            let size = mib << 20;
+            let map = Mapping::anonymous(size as usize, backing)?;
+            uffd.register(map.addr(), size, register_mode::MISSING)?;
+            specs.push(RegionSpec {
+                base: map.addr(),
+                size,
+                offset,
+                page_size,
+            });
+            maps.push(map);
+            offset += size;
+        }
+        let flavor = if args.legacy {
+            Flavor::Legacy
+        } else {
+            Flavor::Current
+        };
+        let payload = args
+            .payload
+            .clone()
+            .unwrap_or_else(|| encode(&specs, flavor));
+        let conn = UnixStream::connect(&args.socket)?;
+        let file = std::fs::File::open("/proc/self/exe")?;
+        let fds = match args.fds.as_str() {
+            "uffd" => vec![uffd.as_fd()],
+            "none" => vec![],
+            "two" => vec![uffd.as_fd(), file.as_fd()],
+            "file" => vec![file.as_fd()],
+            other => anyhow::bail!("--fds {other}"),
+        };
+        send_with_fds(conn.as_fd(), payload.as_bytes(), &fds)?;
+        drop(file);
+        let pages = (offset / PAGE_4K) as usize;
+        let guest = Guest {
+            maps,
+            specs,
+            model: Mutex::new(vec![Model::Snapshot; pages]),
+            seed: args.seed,
+        };
+        let peer = Peer {
+            guest: Arc::new(guest),
+            conn: (!args.legacy).then_some(conn),
+            threads: HashMap::new(),
+            _uffd: uffd,
+        };
+        if !args.no_boot_writes {
+            for (page, seed) in BOOT_WRITES {
+                peer.guest.write(page * PAGE_4K, PAGE_4K, seed)?;
+            }
+        }
+        Ok(peer)
+    }
+
+    /// Runs commands from stdin until `exit` or EOF.
+    pub fn serve_stdin(mut self) -> anyhow::Result<()> {
+        let stdin = std::io::stdin();
+        let mut out = std::io::stdout();
+        writeln!(out, "ready pid={}", std::process::id())?;
+        out.flush()?;
+        for line in stdin.lock().lines() {
+            let line = line?;
+            if line.trim() == "exit" {
+                break;
+            }
+            let reply = self.command(&line);
+            writeln!(out, "{reply}")?;
+            out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Runs one command and returns its answer line.
+    ///
+    /// - `read OFF LEN [threads=N] [any]`: read guest bytes and check them
+    ///   against the model (`any`: snapshot bytes or zeros both pass).
+    /// - `write OFF LEN SEED`: write a pattern.
+    /// - `remove OFF LEN`: `madvise(MADV_DONTNEED)`, as the balloon does.
+    /// - `spawn NAME CMD…`: run a command on a new thread.
+    /// - `wait-blocked NAME`: wait until that thread sleeps in a
+    ///   userfaultfd wait (a fault, or a REMOVE not yet read).
+    /// - `join NAME`: that thread's answer.
+    /// - `close`: close the connection, as v1.10 does.
+    ///
+    /// Offsets and lengths are guest offsets (file offsets), with `k`, `m`
+    /// suffixes allowed.
+    pub fn command(&mut self, line: &str) -> String {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["spawn", name, rest @ ..] => {
+                let guest = self.guest.clone();
+                let cmd = rest.join(" ");
+                let (tx, rx) = std::sync::mpsc::channel();
+                let handle = std::thread::spawn(move || {
+                    // Report the thread id so that `wait-blocked` can watch it.
+                    let _ = tx.send(current_tid());
+                    guest.run(&cmd)
+                });
+                let tid = rx.recv().unwrap_or(0);
+                self.threads.insert(name.to_string(), (handle, tid));
+                format!("ok tid={tid}")
+            }
+            ["wait-blocked", name] => match self.threads.get(*name) {
+                Some((_, tid)) => wait_blocked(*tid),
+                None => format!("err no thread {name}"),
+            },
+            ["join", name] => match self.threads.remove(*name) {
+                Some((h, _)) => h.join().unwrap_or_else(|_| "err thread panicked".into()),
+                None => format!("err no thread {name}"),
+            },
+            ["close"] => {
+                self.conn = None;
+                "ok".into()
+            }
+            _ => self.guest.run(line),
+        }
+    }
+}
+
+fn current_tid() -> i32 {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until thread `tid` of this process sleeps in a userfaultfd wait.
+fn wait_blocked(tid: i32) -> String {
+    let path = format!("/proc/self/task/{tid}/wchan");
+    for _ in 0..2_000_000 {
+        match std::fs::read_to_string(&path) {
+            Ok(w) if w.contains("userfault") => return format!("ok {w}"),
+            Ok(_) => std::thread::yield_now(),
+            Err(_) => return "err thread gone".into(),
+        }
+    }
+    "err thread never blocked".into()
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.as_bytes().last() {
+        Some(b'k' | b'K') => (&s[..s.len() - 1], 1 << 10),
+        Some(b'm' | b'M') => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    let v = if let Some(hex) = num.strip_prefix("0x") {
+        u64::from_str_radix(hex, 16)
+    } else {
+        num.parse::<u64>()
+    };
+    v.map(|v| v * mult)
+        .map_err(|e| format!("bad number {s}: {e}"))
+}
+
+impl Guest {
+    fn run(&self, line: &str) -> String {
+        match self.try_run(line) {
+            Ok(s) => s,
+            Err(e) => format!("err {e}"),
+        }
+    }
+
+    fn try_run(&self, line: &str) -> Result<String, String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["read", off, len, opts @ ..] => {
+                let (off, len) = (parse_size(off)?, parse_size(len)?);
+                let any = opts.contains(&"any");
+                let threads = opts
+                    .iter()
+                    .find_map(|o| o.strip_prefix("threads="))
+                    .map(|n| n.parse::<u64>().map_err(|e| e.to_string()))
+                    .transpose()?
+                    .unwrap_or(1)
+                    .max(1);
+                self.read_threads(off, len, threads, any)
+            }
+            ["write", off, len, seed] => {
+                let seed = seed.parse::<u64>().map_err(|e| e.to_string())?;
+                self.write(parse_size(off)?, parse_size(len)?, seed)
+                    .map(|_| "ok".into())
+                    .map_err(|e| e.to_string())
+            }
+            ["remove", off, len] => {
+                let (off, len) = (parse_size(off)?, parse_size(len)?);
+                let (map, at) = self.locate(off, len)?;
+                map.advise(at, len as usize, Advice::DontNeed)
+                    .map_err(|e| format!("madvise: {e}"))?;
+                let mut model = self.model.lock().unwrap();
+                for p in off / PAGE_4K..(off + len) / PAGE_4K {
+                    model[p as usize] = Model::Zero;
+                }
+                Ok("ok".into())
+            }
+            [] => Err("empty command".into()),
+            other => Err(format!("unknown command {other:?}")),
+        }
+    }
+
+    /// The mapping and its offset for guest range `[off, off+len)`, which
+    /// must lie in one region.
+    fn locate(&self, off: u64, len: u64) -> Result<(&Mapping, usize), String> {
+        for (map, spec) in self.maps.iter().zip(&self.specs) {
+            if off >= spec.offset && off + len <= spec.offset + spec.size {
+                return Ok((map, (off - spec.offset) as usize));
+            }
+        }
+        Err(format!("range {off:#x}+{len:#x} is not inside one region"))
+    }
+
+    fn write(&self, off: u64, len: u64, seed: u64) -> std::io::Result<()> {
+        let (map, at) = self.locate(off, len).map_err(std::io::Error::other)?;
+        let mut page = vec![0u8; PAGE_4K as usize];
+        for p in 0..len / PAGE_4K {
+            let o = off + p * PAGE_4K;
+            fill_written(seed, o, &mut page);
+            write_shared(map, at + (p * PAGE_4K) as usize, &page);
+            self.model.lock().unwrap()[(o / PAGE_4K) as usize] = Model::Written(seed);
+        }
+        Ok(())
+    }
+
+    fn read_threads(&self, off: u64, len: u64, threads: u64, any: bool) -> Result<String, String> {
+        let pages = len / PAGE_4K;
+        let results: Vec<Result<u64, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    s.spawn(move || {
+                        let mut checked = 0;
+                        let mut p = t;
+                        while p < pages {
+                            self.check_page(off + p * PAGE_4K, any)?;
+                            checked += 1;
+                            p += threads;
+                        }
+                        Ok(checked)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("panic".into())))
+                .collect()
+        });
+        let mut total = 0;
+        for r in results {
+            total += r?;
+        }
+        Ok(format!("ok pages={total}"))
+    }
+
+    fn check_page(&self, off: u64, any: bool) -> Result<(), String> {
+        let (map, at) = self.locate(off, PAGE_4K)?;
+        let mut got = vec![0u8; PAGE_4K as usize];
+        read_shared(map, at, &mut got);
+        let model = self.model.lock().unwrap()[(off / PAGE_4K) as usize];
+        let mut want = vec![0u8; PAGE_4K as usize];
+        let mut snapshot = vec![0u8; PAGE_4K as usize];
+        fill_snapshot(self.seed, off, &mut snapshot);
+        match model {
+            Model::Snapshot => want.copy_from_slice(&snapshot),
+            Model::Zero => {}
+            Model::Written(seed) => fill_written(seed, off, &mut want),
+        }
+        let zero = got.iter().all(|&b| b == 0);
+        if got == want || (any && (zero || got == snapshot)) {
+            return Ok(());
+        }
+        let what = if zero {
+            "zeros"
+        } else if got == snapshot {
+            "snapshot bytes"
+        } else {
+            "other bytes"
+        };
+        Err(format!(
+            "mismatch at {off:#x}: expected {model:?}, got {what}"
+        ))
+    }
+}
