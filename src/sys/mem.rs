@@ -148,19 +148,28 @@ impl Mapping {
         if offset.checked_add(len).is_none_or(|end| end > self.len) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let advice = match advice {
-            Advice::DontNeed => libc::MADV_DONTNEED,
-            Advice::WillNeed => libc::MADV_WILLNEED,
-            Advice::Remove => libc::MADV_REMOVE,
-        };
-        // SAFETY: the range lies inside this mapping (checked above). For
+        // The range lies inside this mapping (checked above). For
         // DONTNEED/REMOVE its contents become zero on the next touch, which
         // no Rust reference can observe mid-call: callers hold `&self`
         // only, and read the bytes through volatile loads or the kernel.
-        let ret = unsafe { libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) };
-        cvt(ret)?;
-        Ok(())
+        advise_raw(self.addr() + offset as u64, len as u64, advice)
     }
+}
+
+/// `madvise(advice)` on `[addr, addr+len)` of this process, which may span
+/// several mappings (the test kit's REMOVE across two regions).
+pub fn advise_raw(addr: u64, len: u64, advice: Advice) -> io::Result<()> {
+    let advice = match advice {
+        Advice::DontNeed => libc::MADV_DONTNEED,
+        Advice::WillNeed => libc::MADV_WILLNEED,
+        Advice::Remove => libc::MADV_REMOVE,
+    };
+    // SAFETY: madvise validates the range against this process's mappings
+    // and fails for unmapped parts. It may drop pages of Rust-owned memory
+    // only where callers pass ranges of guest memory they map themselves
+    // (a `Mapping` whose bytes are read only through volatile loads).
+    cvt(unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, advice) })?;
+    Ok(())
 }
 
 /// `madvise` advice used by snapfault and its test kit.

@@ -144,9 +144,9 @@ impl PeerProcess {
         self.child.wait()
     }
 
-    /// Waits for the peer to end (for instance, killed by the server).
+    /// Waits for the peer to end (for instance, killed by the server),
+    /// keeping its stdin open so that it does not end by itself.
     pub fn wait(&mut self) -> std::io::Result<ExitStatus> {
-        self.stdin = None;
         self.child.wait()
     }
 }
@@ -190,6 +190,26 @@ impl Default for RigOptions {
             wrap: None,
             peer_args: Vec::new(),
         }
+    }
+}
+
+/// Waits until `listener` has a connection, or fails if the peer `pid`
+/// exits first or nothing comes within [`ANSWER_LIMIT`].
+fn wait_for_connect(listener: &std::os::unix::net::UnixListener, pid: i32) -> Result<(), String> {
+    use crate::sys::poll::{PollFd, READABLE, poll};
+    use std::os::fd::AsFd;
+    let pidfd = crate::sys::proc::PidFd::open(pid).map_err(|e| e.to_string())?;
+    let mut fds = [
+        PollFd::new(listener.as_fd(), READABLE),
+        PollFd::new(pidfd.as_fd(), READABLE),
+    ];
+    poll(&mut fds, Some(ANSWER_LIMIT)).map_err(|e| e.to_string())?;
+    if fds[0].ready() {
+        Ok(())
+    } else if fds[1].ready() {
+        Err("the peer exited before connecting".into())
+    } else {
+        Err(format!("the peer did not connect within {ANSWER_LIMIT:?}"))
     }
 }
 
@@ -241,6 +261,7 @@ impl Rig {
         }
         args.extend(opts.peer_args);
         let mut peer = PeerProcess::spawn(exe, &args).map_err(|e| e.to_string())?;
+        wait_for_connect(&listener, peer.pid)?;
         let options = Options {
             config: opts.config,
             hooks: opts.hooks,

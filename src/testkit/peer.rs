@@ -57,6 +57,25 @@ pub struct PeerArgs {
     /// Which descriptors to attach: uffd, none, two, file.
     #[arg(long, default_value = "uffd")]
     pub fds: String,
+    /// Also map and register this many MiB that the handshake does not
+    /// declare (`touch-undeclared` then faults outside every region).
+    #[arg(long, default_value_t = 0)]
+    pub undeclared_mib: u64,
+}
+
+/// What a `read` accepts.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// What the model says.
+    Model,
+    /// Snapshot bytes or zeros.
+    Any,
+    /// Zeros.
+    Zero,
+    /// Snapshot bytes.
+    Snapshot,
+    /// Zeros or the pattern written with this seed.
+    ZeroOr(u64),
 }
 
 /// What one 4 KiB page should hold.
@@ -68,6 +87,7 @@ enum Model {
 }
 
 struct Guest {
+    undeclared: Option<Mapping>,
     maps: Vec<Mapping>,
     specs: Vec<RegionSpec>,
     model: Mutex<Vec<Model>>,
@@ -83,7 +103,7 @@ pub struct Peer {
 }
 
 /// The boot writes' seeds and pages.
-pub const BOOT_WRITES: [(u64, u64); 2] = [(1, 0xb007), (2, 0xc10c)];
+pub const BOOT_WRITES: [(u64, u64); 2] = [(0, 0xb007), (1, 0xc10c)];
 
 impl Peer {
     /// Maps memory, registers it and performs the handshake.
@@ -115,6 +135,14 @@ impl Peer {
             maps.push(map);
             offset += size;
         }
+        let undeclared = match args.undeclared_mib {
+            0 => None,
+            mib => {
+                let map = Mapping::anonymous((mib << 20) as usize, backing)?;
+                uffd.register(map.addr(), mib << 20, register_mode::MISSING)?;
+                Some(map)
+            }
+        };
         let flavor = if args.legacy {
             Flavor::Legacy
         } else {
@@ -137,6 +165,7 @@ impl Peer {
         drop(file);
         let pages = (offset / PAGE_4K) as usize;
         let guest = Guest {
+            undeclared,
             maps,
             specs,
             model: Mutex::new(vec![Model::Snapshot; pages]),
@@ -176,8 +205,12 @@ impl Peer {
 
     /// Runs one command and returns its answer line.
     ///
-    /// - `read OFF LEN [threads=N] [any]`: read guest bytes and check them
-    ///   against the model (`any`: snapshot bytes or zeros both pass).
+    /// - `read OFF LEN [threads=N] [expect=E]`: read guest bytes and check
+    ///   them against the model, or against `E`: `any` (snapshot bytes or
+    ///   zeros), `zero`, `snapshot`, `zero-or-SEED`.
+    /// - `remove-joint LEN`: one `madvise` over the last LEN bytes of one
+    ///   region and the first LEN of the region mapped right after it.
+    /// - `touch-undeclared`: read memory registered but not declared.
     /// - `write OFF LEN SEED`: write a pattern.
     /// - `remove OFF LEN`: `madvise(MADV_DONTNEED)`, as the balloon does.
     /// - `spawn NAME CMD…`: run a command on a new thread.
@@ -235,14 +268,18 @@ fn current_tid() -> i32 {
 /// Waits until thread `tid` of this process sleeps in a userfaultfd wait.
 fn wait_blocked(tid: i32) -> String {
     let path = format!("/proc/self/task/{tid}/wchan");
-    for _ in 0..2_000_000 {
+    let mut last = String::new();
+    for _ in 0..200_000 {
         match std::fs::read_to_string(&path) {
             Ok(w) if w.contains("userfault") => return format!("ok {w}"),
-            Ok(_) => std::thread::yield_now(),
+            Ok(w) => {
+                last = w;
+                std::thread::yield_now();
+            }
             Err(_) => return "err thread gone".into(),
         }
     }
-    "err thread never blocked".into()
+    format!("err thread never blocked (last wchan {last:?})")
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -273,7 +310,16 @@ impl Guest {
         match words.as_slice() {
             ["read", off, len, opts @ ..] => {
                 let (off, len) = (parse_size(off)?, parse_size(len)?);
-                let any = opts.contains(&"any");
+                let expect = match opts.iter().find_map(|o| o.strip_prefix("expect=")) {
+                    None => Expect::Model,
+                    Some("any") => Expect::Any,
+                    Some("zero") => Expect::Zero,
+                    Some("snapshot") => Expect::Snapshot,
+                    Some(other) => match other.strip_prefix("zero-or-") {
+                        Some(seed) => Expect::ZeroOr(seed.parse().map_err(|e| format!("{e}"))?),
+                        None => return Err(format!("expect={other}")),
+                    },
+                };
                 let threads = opts
                     .iter()
                     .find_map(|o| o.strip_prefix("threads="))
@@ -281,7 +327,13 @@ impl Guest {
                     .transpose()?
                     .unwrap_or(1)
                     .max(1);
-                self.read_threads(off, len, threads, any)
+                self.read_threads(off, len, threads, expect)
+            }
+            ["remove-joint", len] => self.remove_joint(parse_size(len)?),
+            ["touch-undeclared"] => {
+                let map = self.undeclared.as_ref().ok_or("no undeclared memory")?;
+                crate::sys::mem::touch(map, 0);
+                Ok("ok".into())
             }
             ["write", off, len, seed] => {
                 let seed = seed.parse::<u64>().map_err(|e| e.to_string())?;
@@ -328,8 +380,49 @@ impl Guest {
         Ok(())
     }
 
-    fn read_threads(&self, off: u64, len: u64, threads: u64, any: bool) -> Result<String, String> {
+    /// `madvise(MADV_DONTNEED)` of `len` bytes on each side of the place
+    /// where one region's mapping ends and another's begins: one call on
+    /// one range that spans two regions, as the kernel's merged mapping
+    /// allows.
+    fn remove_joint(&self, len: u64) -> Result<String, String> {
+        let n = self.maps.len();
+        let (lo, hi) = (0..n)
+            .flat_map(|a| (0..n).map(move |b| (a, b)))
+            .find(|&(a, b)| {
+                a != b && self.maps[a].addr() + self.specs[a].size == self.maps[b].addr()
+            })
+            .ok_or("no two regions are adjacent")?;
+        let (a, b) = (&self.specs[lo], &self.specs[hi]);
+        if len > a.size || len > b.size {
+            return Err("range longer than a region".into());
+        }
+        let start = a.base + a.size - len;
+        crate::sys::mem::advise_raw(start, 2 * len, Advice::DontNeed)
+            .map_err(|e| format!("madvise: {e}"))?;
+        let mut model = self.model.lock().unwrap();
+        for from in [a.offset + a.size - len, b.offset] {
+            for p in from / PAGE_4K..(from + len) / PAGE_4K {
+                model[p as usize] = Model::Zero;
+            }
+        }
+        Ok(format!("ok lo={} hi={}", a.offset, b.offset))
+    }
+
+    fn read_threads(
+        &self,
+        off: u64,
+        len: u64,
+        threads: u64,
+        expect: Expect,
+    ) -> Result<String, String> {
         let pages = len / PAGE_4K;
+        if threads == 1 {
+            // On the calling thread, so that `wait-blocked` sees its fault.
+            for p in 0..pages {
+                self.check_page(off + p * PAGE_4K, expect)?;
+            }
+            return Ok(format!("ok pages={pages}"));
+        }
         let results: Vec<Result<u64, String>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads)
                 .map(|t| {
@@ -337,7 +430,7 @@ impl Guest {
                         let mut checked = 0;
                         let mut p = t;
                         while p < pages {
-                            self.check_page(off + p * PAGE_4K, any)?;
+                            self.check_page(off + p * PAGE_4K, expect)?;
                             checked += 1;
                             p += threads;
                         }
@@ -357,7 +450,7 @@ impl Guest {
         Ok(format!("ok pages={total}"))
     }
 
-    fn check_page(&self, off: u64, any: bool) -> Result<(), String> {
+    fn check_page(&self, off: u64, expect: Expect) -> Result<(), String> {
         let (map, at) = self.locate(off, PAGE_4K)?;
         let mut got = vec![0u8; PAGE_4K as usize];
         read_shared(map, at, &mut got);
@@ -371,7 +464,17 @@ impl Guest {
             Model::Written(seed) => fill_written(seed, off, &mut want),
         }
         let zero = got.iter().all(|&b| b == 0);
-        if got == want || (any && (zero || got == snapshot)) {
+        let pass = match expect {
+            Expect::Model => got == want,
+            Expect::Any => zero || got == snapshot,
+            Expect::Zero => zero,
+            Expect::Snapshot => got == snapshot,
+            Expect::ZeroOr(seed) => {
+                fill_written(seed, off, &mut want);
+                zero || got == want
+            }
+        };
+        if pass {
             return Ok(());
         }
         let what = if zero {

@@ -75,6 +75,8 @@
 //! - The checksums model only the data area; reads of the system area are allowed but are not
 //!   modelled by [`PageContent`].
 
+#[allow(unsafe_code)]
+mod balloon;
 mod guest;
 mod image;
 #[cfg(test)]

@@ -1,23 +1,23 @@
-//! The VMM: VM and vCPU setup, running guest operations, and the balloon thread.
+//! The VMM: VM and vCPU setup and running guest operations.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    KVM_EXIT_INTERNAL_ERROR, KVM_MAX_CPUID_ENTRIES, kvm_dtable, kvm_ioeventfd, kvm_regs,
-    kvm_segment, kvm_sregs, kvm_userspace_memory_region,
+    KVM_EXIT_INTERNAL_ERROR, KVM_MAX_CPUID_ENTRIES, kvm_dtable, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
+use super::balloon::{BalloonThread, register_balloon_eventfd};
 use super::guest::{self, Entries};
 use super::image::{check_mem_size, random_state};
 use super::{
-    BALLOON_PORT, CODE_GPA, DATA_START, DONE_PORT, GDT_GPA, GuestOp, KvmError, MAILBOX_GPA,
-    MAX_VCPUS, Outcome, PAGE_SIZE, PML4_GPA, RING_LEN, RING_SLOTS,
+    CODE_GPA, DATA_START, DONE_PORT, GDT_GPA, GuestOp, KvmError, MAILBOX_GPA, MAX_VCPUS, Outcome,
+    PAGE_SIZE, PML4_GPA, RING_LEN,
 };
 
 /// RFLAGS: the reserved bit 1 and IOPL=3.

@@ -1,0 +1,104 @@
+//! Helpers shared by the integration tests.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+
+use snapfault::serve::Hooks;
+use snapfault::testkit::harness::{Rig, RigOptions};
+
+/// The `snapfault` binary under test.
+pub fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_snapfault"))
+}
+
+/// Page size in bytes for `4k` / `2m`.
+pub fn page_bytes(page: &str) -> u64 {
+    if page == "2m" { 2 << 20 } else { 4096 }
+}
+
+/// Makes sure at least `n` 2 MiB hugepages are free (tests run as root).
+pub fn ensure_hugepages(n: u64) {
+    let free_path = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    let free = read(free_path).unwrap_or(0);
+    if free >= n {
+        return;
+    }
+    let total = read("/proc/sys/vm/nr_hugepages").unwrap_or(0);
+    let _ = std::fs::write(
+        "/proc/sys/vm/nr_hugepages",
+        (total + n - free + 16).to_string(),
+    );
+    let free = read(free_path).unwrap_or(0);
+    assert!(
+        free >= n,
+        "could not reserve {n} free 2 MiB hugepages (have {free})"
+    );
+}
+
+/// Starts a rig for `page` memory with the given options.
+#[track_caller]
+pub fn rig(page: &'static str, mut opts: RigOptions) -> Rig {
+    opts.page = page;
+    if page == "2m" {
+        ensure_hugepages(opts.regions_mib.iter().sum::<u64>() / 2 + 2);
+    }
+    match Rig::start(&exe(), opts) {
+        Ok(rig) => rig,
+        Err(e) => panic!("rig failed to start: {e}"),
+    }
+}
+
+/// Holds the serve loop before its next read of events, so that a test
+/// can queue several events and have them read together.
+#[derive(Default)]
+pub struct ReaderGate {
+    held: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl ReaderGate {
+    /// A gate, open.
+    pub fn new() -> Arc<ReaderGate> {
+        Arc::new(ReaderGate::default())
+    }
+
+    /// Hooks that make the serve loop wait at this gate.
+    pub fn hooks(self: &Arc<Self>) -> Hooks {
+        let gate = self.clone();
+        Hooks {
+            before_read: Some(Arc::new(move || gate.pass())),
+        }
+    }
+
+    /// Closes the gate: the serve loop stops before its next read.
+    pub fn hold(&self) {
+        *self.held.lock().unwrap() = true;
+    }
+
+    /// Opens the gate.
+    pub fn release(&self) {
+        *self.held.lock().unwrap() = false;
+        self.changed.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut held = self.held.lock().unwrap();
+        while *held {
+            held = self.changed.wait(held).unwrap();
+        }
+    }
+}
+
+/// Parses `key=value` from a peer's answer.
+pub fn field(answer: &str, key: &str) -> Option<u64> {
+    answer
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
