@@ -11,6 +11,7 @@
 //! serve loop), [`server`] (socket to summary, as the command line runs
 //! it), and [`testkit`] (processes that play Firecracker and KVM).
 
+pub mod bench;
 pub mod demo;
 pub mod handshake;
 pub mod log;

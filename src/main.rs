@@ -45,9 +45,15 @@ enum Cmd {
     /// Firecracker in a child process, serve it, run reads, writes and
     /// balloon-style removes from several threads, check every byte.
     Demo(snapfault::demo::DemoArgs),
+    /// Measure every fault path against the kernel's own and against a
+    /// minimal handler, side by side in one run.
+    Bench(snapfault::bench::BenchArgs),
     /// Play Firecracker's part (for tests and the demo).
     #[command(hide = true)]
     FcPeer(PeerArgs),
+    /// The bench's child process.
+    #[command(hide = true)]
+    BenchChild(snapfault::bench::ChildArgs),
 }
 
 #[derive(clap::Args)]
@@ -83,6 +89,8 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::Serve(args) => serve(args),
         Cmd::Demo(args) => snapfault::demo::run(&args),
+        Cmd::Bench(args) => snapfault::bench::run(&args),
+        Cmd::BenchChild(args) => snapfault::bench::run_child(&args),
         Cmd::FcPeer(args) => match Peer::start(&args).and_then(Peer::serve_stdin) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -57,6 +57,10 @@ counters! {
     wp_faults,
     /// Pages installed with bytes from the page source.
     pages_from_source,
+    /// Pages installed ahead of faults (install-ahead ranges).
+    pages_installed_ahead,
+    /// Install-ahead lists finished (0 or 1 per session).
+    install_ahead_finished,
     /// Pages installed with zeros (removed pages).
     zero_pages,
     /// Installs that found the page present already (duplicate faults).

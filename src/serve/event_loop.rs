@@ -11,12 +11,15 @@
 
 use std::io::Read;
 use std::os::fd::AsFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::install::Answer;
 use super::{End, ServeError, Session};
 use crate::sys::poll::{HANGUP, PollFd, READABLE, poll};
 use crate::sys::uffd::{Event, EventBuf};
+
+/// How often a test-held install-ahead is looked at again.
+const HELD_AHEAD_POLL: Duration = Duration::from_millis(1);
 
 /// What a wake-up reported.
 #[derive(Default)]
@@ -35,7 +38,20 @@ pub(super) fn run(s: &Session) -> Result<End, ServeError> {
     let mut events: Vec<Event> = Vec::with_capacity(s.config.batch.max(1));
     let mut conn = s.conn.as_ref();
     loop {
-        let ready = wait(s, &answer, conn, answer.deferred.timeout())?;
+        // While install-ahead has work, only look for events, do not sleep.
+        let held = s
+            .hooks
+            .ahead_allowed
+            .as_ref()
+            .is_some_and(|allowed| !allowed());
+        let ahead = answer.ahead.pending() && !held;
+        let timeout = match (ahead, held, answer.deferred.timeout()) {
+            (true, _, _) => Some(Duration::ZERO),
+            // A test holds install-ahead back: look again now and then.
+            (false, true, t) => Some(t.unwrap_or(HELD_AHEAD_POLL).min(HELD_AHEAD_POLL)),
+            (false, false, t) => t,
+        };
+        let ready = wait(s, &answer, conn, timeout)?;
         if ready.stop {
             return Err(ServeError::Stopped);
         }
@@ -61,6 +77,11 @@ pub(super) fn run(s: &Session) -> Result<End, ServeError> {
         }
         if let Some(end) = answer.retry_deferred()? {
             return Ok(end);
+        }
+        if ahead {
+            if let Some(end) = answer.ahead.step(s)? {
+                return Ok(end);
+            }
         }
     }
 }

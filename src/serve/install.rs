@@ -3,6 +3,7 @@
 //! Everything here runs on the serve loop's thread, which is the only one
 //! that installs pages or writes page states.
 
+use super::ahead::Ahead;
 use super::deferred::{Deferred, Entry, Kind};
 use super::fetch::{Done, Pool};
 use super::{End, ServeError, Session};
@@ -38,6 +39,7 @@ pub(super) struct Answer<'s> {
     done: Vec<Done>,
     fetched: Vec<Waiting>,
     pub(super) pool: Pool,
+    pub(super) ahead: Ahead,
     rounds_without_progress: u32,
 }
 
@@ -67,6 +69,7 @@ impl<'s> Answer<'s> {
             done: Vec::with_capacity(64),
             fetched: Vec::with_capacity(64),
             pool,
+            ahead: Ahead::new(s.config.install_ahead.clone()),
             rounds_without_progress: 0,
         })
     }
@@ -249,7 +252,7 @@ impl<'s> Answer<'s> {
         let size = region.spec.page_size;
         match outcome {
             Outcome::Done => {}
-            Outcome::Exists => {
+            Outcome::Exists { .. } => {
                 // A duplicate fault: the page is there, but this waiter was
                 // not woken by the failed install (item 9).
                 Metrics::inc(&self.s.metrics.already_present);

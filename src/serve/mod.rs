@@ -21,6 +21,7 @@
 //! request) it fails closed: the VM is killed through its pidfd, so that it
 //! neither hangs nor runs on wrong bytes, and the error says why.
 
+mod ahead;
 mod deferred;
 mod event_loop;
 mod fetch;
@@ -53,6 +54,10 @@ pub struct Config {
     pub retry_max: Duration,
     /// Attempts at a failing fetch before the session fails closed.
     pub fetch_attempts: u32,
+    /// Ranges of the memory file, `(offset, len)`, to install before the
+    /// guest touches them: a 2 MiB chunk at a time between reads of
+    /// events, skipping pages already served or removed.
+    pub install_ahead: Vec<(u64, u64)>,
 }
 
 impl Default for Config {
@@ -64,6 +69,7 @@ impl Default for Config {
             retry_min: Duration::from_micros(20),
             retry_max: Duration::from_millis(10),
             fetch_attempts: 3,
+            install_ahead: Vec::new(),
         }
     }
 }
@@ -170,12 +176,15 @@ pub struct Summary {
 pub struct Hooks {
     /// Called before each read of events.
     pub before_read: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Asked before each install-ahead chunk; `false` puts it off.
+    pub ahead_allowed: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hooks")
             .field("before_read", &self.before_read.is_some())
+            .field("ahead_allowed", &self.ahead_allowed.is_some())
             .finish()
     }
 }

@@ -252,8 +252,12 @@ impl Event {
 pub enum Outcome {
     /// The whole range was done.
     Done,
-    /// `EEXIST`: a page in the range was already present.
-    Exists,
+    /// `EEXIST`: a page in the range was already present; `done` bytes
+    /// before it were installed.
+    Exists {
+        /// Bytes completed before the present page.
+        done: u64,
+    },
     /// `EAGAIN`: the mm is changing; `done` bytes from the start were done.
     Again {
         /// Bytes completed before the kernel stopped.
@@ -585,7 +589,7 @@ fn errno_outcome(
     // huge unsigned count.
     let done = u64::try_from(count).unwrap_or(0).min(len);
     match err.raw_os_error() {
-        Some(libc::EEXIST) => Ok(Outcome::Exists),
+        Some(libc::EEXIST) => Ok(Outcome::Exists { done }),
         Some(libc::EAGAIN) => Ok(Outcome::Again { done }),
         Some(libc::ESRCH) => Ok(Outcome::Gone),
         _ => Err(range_err(op, start, len, err)),

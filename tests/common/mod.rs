@@ -74,6 +74,7 @@ impl ReaderGate {
         let gate = self.clone();
         Hooks {
             before_read: Some(Arc::new(move || gate.pass())),
+            ..Hooks::default()
         }
     }
 
@@ -101,4 +102,18 @@ pub fn field(answer: &str, key: &str) -> Option<u64> {
     answer
         .split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// Waits (yielding, never sleeping) until `done` holds; panics after a
+/// minute, as a guard against a hang rather than a measurement.
+#[track_caller]
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gave up waiting for {what}"
+        );
+        std::thread::yield_now();
+    }
 }
