@@ -16,8 +16,8 @@ use crate::testkit::harness::{Rig, RigOptions};
 /// `snapfault demo` options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Guest memory in MiB (split into two regions, as Firecracker does
-    /// for VMs over 3 GiB).
+    /// Guest memory in MiB, at least 32 (split into two regions, as
+    /// Firecracker does for VMs over 3 GiB).
     #[arg(long, default_value_t = 64)]
     pub mem_mib: u64,
     /// Threads reading at once.
@@ -45,7 +45,8 @@ fn drive(args: &DemoArgs) -> Result<(), String> {
         "2m" => "2m",
         other => return Err(format!("--page {other}: use 4k or 2m")),
     };
-    let mem = args.mem_mib.max(8) / 4 * 4;
+    // The script's offsets need 32 MiB at least.
+    let mem = args.mem_mib.max(32) / 4 * 4;
     let (low, high) = (mem * 3 / 4, mem / 4);
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let opts = RigOptions {

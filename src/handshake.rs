@@ -32,6 +32,9 @@ use crate::sys::proc::PidFd;
 use crate::sys::sock;
 use crate::sys::uffd::{self, Uffd};
 
+/// How long the rest of a handshake cut short may take to arrive.
+const REST_OF_MESSAGE: Duration = Duration::from_secs(1);
+
 /// The largest handshake accepted. Firecracker's is about 110 bytes per
 /// region.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
@@ -75,6 +78,14 @@ pub enum HandshakeError {
         timeout: Duration,
         /// Bytes that did arrive.
         received: usize,
+    },
+    /// The message stopped in the middle of its JSON.
+    #[error("the handshake's {received} bytes are not complete JSON")]
+    Incomplete {
+        /// Bytes that did arrive.
+        received: usize,
+        /// Where the parser ran out.
+        source: serde_json::Error,
     },
     /// The peer closed the connection before a complete message.
     #[error("the peer closed the connection after {received} bytes, before a complete handshake")]
@@ -207,13 +218,25 @@ fn read_handshake(
     let mut payload = vec![0u8; MAX_PAYLOAD + 1];
     let mut len = 0;
     let mut fd: Option<OwnedFd> = None;
+    let mut incomplete: Option<serde_json::Error> = None;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        let mut left = deadline.saturating_duration_since(Instant::now());
+        if incomplete.is_some() {
+            // Firecracker sends the whole message at once: the rest of a
+            // message cut by the socket comes at once too, or never.
+            left = left.min(REST_OF_MESSAGE);
+        }
+        if left.is_zero() || (incomplete.is_some() && left < Duration::from_millis(1)) {
             return Err((
-                HandshakeError::Timeout {
-                    timeout,
-                    received: len,
+                match incomplete {
+                    Some(source) => HandshakeError::Incomplete {
+                        received: len,
+                        source,
+                    },
+                    None => HandshakeError::Timeout {
+                        timeout,
+                        received: len,
+                    },
                 },
                 holds_uffd(&fd),
             ));
@@ -222,6 +245,14 @@ fn read_handshake(
             .map_err(|source| no(HandshakeError::Receive { source }))?;
         let got = match sock::recv_with_fds(stream.as_fd(), &mut payload[len..]) {
             Ok(got) => got,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN)) && incomplete.is_some() => {
+                let source = incomplete.take().expect("checked");
+                let error = HandshakeError::Incomplete {
+                    received: len,
+                    source,
+                };
+                return Err((error, holds_uffd(&fd)));
+            }
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) => {
                 continue;
             }
@@ -246,7 +277,7 @@ fn read_handshake(
                 let uffd = check_uffd(fd.ok_or(HandshakeError::NoFd).map_err(no)?).map_err(no)?;
                 return Ok((uffd, to_specs(&wire).map_err(|e| (e, true))?));
             }
-            Err(e) if e.is_eof() => continue,
+            Err(e) if e.is_eof() => incomplete = Some(e),
             Err(source) => {
                 // Report a missing or wrong descriptor first: it is the
                 // more basic fault, and decides whether the peer waits on us.

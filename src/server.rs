@@ -11,7 +11,7 @@
 //! (fail closed) before the error is returned.
 
 use std::os::fd::AsFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,7 +78,7 @@ pub fn listen(path: &Path) -> Result<UnixListener, ServerError> {
     match UnixListener::bind(path) {
         Ok(l) => Ok(l),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            if UnixStream::connect(path).is_ok() {
+            if is_listening(path) {
                 return Err(ServerError::SocketInUse { path: path.into() });
             }
             std::fs::remove_file(path).map_err(|source| ServerError::Bind {
@@ -95,6 +95,27 @@ pub fn listen(path: &Path) -> Result<UnixListener, ServerError> {
             source,
         }),
     }
+}
+
+/// Whether a socket bound at `path` is listening, as `/proc/net/unix`
+/// tells. (Connecting to find out would hand a live server a bogus VM.)
+/// A server that bound the same file through another relative path is not
+/// recognised.
+fn is_listening(path: &Path) -> bool {
+    const ACCEPTING: u32 = 1 << 16;
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let canonical = std::fs::canonicalize(path).ok();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(flags), Some(bound)) = (fields.get(3), fields.get(7)) else {
+            return false;
+        };
+        let listening = u32::from_str_radix(flags, 16).is_ok_and(|f| f & ACCEPTING != 0);
+        let same = Path::new(bound) == path || canonical.as_deref() == Some(Path::new(bound));
+        listening && same
+    })
 }
 
 /// What to serve and how.

@@ -117,3 +117,92 @@ pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         std::thread::yield_now();
     }
 }
+
+/// A `snapfault serve` process and what it printed.
+pub struct ServerProcess {
+    child: std::process::Child,
+    stderr: std::sync::mpsc::Receiver<String>,
+    /// Its socket.
+    pub socket: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `snapfault ARGS…` (with or without the `serve` word) and waits
+    /// until its socket exists.
+    #[track_caller]
+    pub fn start(args: &[&str], socket: &std::path::Path) -> ServerProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(exe())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start snapfault");
+        let err = child.stderr.take().unwrap();
+        let (tx, stderr) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut server = ServerProcess {
+            child,
+            stderr,
+            socket: socket.to_path_buf(),
+        };
+        wait_until("the server to listen", || {
+            socket.exists() || server.child.try_wait().ok().flatten().is_some()
+        });
+        server
+    }
+
+    /// Waits (at most a minute, as a hang guard) for the server to exit;
+    /// returns its exit code and everything it logged.
+    #[track_caller]
+    pub fn wait(mut self) -> (Option<i32>, String) {
+        wait_until("the server to exit", || {
+            self.child.try_wait().ok().flatten().is_some()
+        });
+        let status = self.child.wait().unwrap();
+        let mut log = String::new();
+        while let Ok(line) = self.stderr.recv_timeout(std::time::Duration::from_secs(5)) {
+            log.push_str(&line);
+            log.push('\n');
+        }
+        (status.code(), log)
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a memory file of `mib` MiB (seed 1) in `dir`.
+pub fn memfile(dir: &std::path::Path, mib: u64) -> PathBuf {
+    let path = dir.join("mem");
+    snapfault::testkit::snapshot::write_memfile(&path, mib << 20, 1, &[]).unwrap();
+    path
+}
+
+/// Peer arguments for `socket`, a 4 KiB region of `mib` MiB, and `more`.
+pub fn peer_args(socket: &std::path::Path, mib: u64, more: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--socket",
+        &socket.display().to_string(),
+        "--region-mib",
+        &mib.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(more.iter().map(|s| s.to_string()));
+    args
+}
