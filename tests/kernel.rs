@@ -1,0 +1,167 @@
+//! Kernel behaviour the server relies on, pinned on this kernel with a
+//! real second process (the `fc-peer`) holding the memory, and this test
+//! playing the server by hand on the userfaultfd it was handed.
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use common::{ensure_hugepages, exe, page_bytes, peer_args};
+use snapfault::handshake::{self, Handshake};
+use snapfault::sys::poll::{PollFd, READABLE, poll};
+use snapfault::sys::uffd::{Event, EventBuf, Outcome, fault_flag, register_mode};
+use snapfault::testkit::harness::{PeerProcess, TempDir};
+use snapfault::testkit::snapshot::fill_snapshot;
+
+struct Bare {
+    peer: PeerProcess,
+    hs: Handshake,
+    buf: EventBuf,
+    _dir: TempDir,
+}
+
+impl Bare {
+    fn start(page: &str, mib: u64) -> Bare {
+        if page == "2m" {
+            ensure_hugepages(mib / 2 + 2);
+        }
+        let dir = TempDir::new("kernel").unwrap();
+        let sock = dir.path().join("sock");
+        let listener = snapfault::server::listen(&sock).unwrap();
+        let args = peer_args(&sock, mib, &["--no-boot-writes", "--page", page]);
+        let mut peer = PeerProcess::spawn(&exe(), &args).unwrap();
+        let hs = handshake::accept(&listener, Duration::from_secs(10)).map_err(|r| r.error).unwrap();
+        peer.ready().unwrap();
+        Bare { peer, hs, buf: EventBuf::new(16), _dir: dir }
+    }
+
+    fn base(&self) -> u64 {
+        self.hs.regions[0].base
+    }
+
+    /// The next events, waiting for at least one (a minute at most).
+    fn events(&mut self) -> Vec<Event> {
+        let mut fds = [PollFd::new(self.hs.uffd.as_fd(), READABLE)];
+        let n = poll(&mut fds, Some(Duration::from_secs(60))).unwrap();
+        assert_eq!(n, 1, "no event came");
+        let mut out = Vec::new();
+        self.hs.uffd.read_events(&mut self.buf, &mut out).unwrap();
+        out
+    }
+}
+
+fn snapshot_page(offset: u64, len: u64) -> Vec<u8> {
+    let mut page = vec![0u8; len as usize];
+    fill_snapshot(1, offset, &mut page);
+    page
+}
+
+#[test]
+fn copy_with_wp_protects_a_page_of_a_peer_that_registered_missing_only_4k() {
+    copy_with_wp_protects(page_bytes("4k"), "4k");
+}
+
+#[test]
+fn copy_with_wp_protects_a_page_of_a_peer_that_registered_missing_only_2m() {
+    copy_with_wp_protects(page_bytes("2m"), "2m");
+}
+
+/// Re-registering the peer's range MISSING|WP through the received uffd
+/// works from this process; `COPY` with `MODE_WP` leaves the page
+/// protected, so the peer's write raises a WP fault, and unprotect + wake
+/// lets the write land.
+fn copy_with_wp_protects(p: u64, page: &str) {
+    let mut bare = Bare::start(page, 8);
+    let base = bare.base();
+    let size = bare.hs.regions[0].size;
+    bare.hs.uffd.register(base, size, register_mode::MISSING | register_mode::WP).expect("re-register with WP");
+    bare.peer.ok(&format!("spawn r read {p} 4k expect=snapshot"));
+    let ev = bare.events();
+    assert!(matches!(ev[..], [Event::Pagefault { flags: 0, .. }]), "{ev:?}");
+    let outcome = bare.hs.uffd.copy(base + p, &snapshot_page(p, p), true, true).unwrap();
+    assert_eq!(outcome, Outcome::Done);
+    bare.peer.ok("join r");
+    bare.peer.ok(&format!("spawn w write {p} 4k 3"));
+    let ev = bare.events();
+    let [Event::Pagefault { addr, flags }] = ev[..] else { panic!("{ev:?}") };
+    assert_eq!(flags & (fault_flag::WP | fault_flag::WRITE), fault_flag::WP | fault_flag::WRITE);
+    assert_eq!(addr & !(p - 1), base + p);
+    assert_eq!(bare.hs.uffd.write_protect(base + p, p, false, true).unwrap(), Outcome::Done);
+    bare.peer.ok("join w");
+    bare.peer.ok(&format!("read {p} 4k"));
+    // Zeros installed protected: a 2 MiB page has no zero page, so this is
+    // a copy from a zero buffer, protected in the same call.
+    bare.peer.ok(&format!("spawn z write {} 4k 4", 2 * p));
+    let ev = bare.events();
+    assert!(matches!(ev[..], [Event::Pagefault { .. }]), "{ev:?}");
+    let zeros = vec![0u8; p as usize];
+    assert_eq!(bare.hs.uffd.copy(base + 2 * p, &zeros, true, true).unwrap(), Outcome::Done);
+    let ev = bare.events();
+    let [Event::Pagefault { flags, .. }] = ev[..] else { panic!("{ev:?}") };
+    assert_ne!(flags & fault_flag::WP, 0, "the zero page was not protected");
+    bare.hs.uffd.write_protect(base + 2 * p, p, false, true).unwrap();
+    bare.peer.ok("join z");
+}
+
+#[test]
+fn install_fails_with_eagain_while_a_remove_is_unread_4k() {
+    eagain_while_remove_unread("4k");
+}
+
+#[test]
+fn install_fails_with_eagain_while_a_remove_is_unread_2m() {
+    eagain_while_remove_unread("2m");
+}
+
+/// While a REMOVE is queued and unread, installs on that mm are refused
+/// with `EAGAIN`; once it is read they go through, and the removed range
+/// is still registered (a touch faults again).
+fn eagain_while_remove_unread(page: &str) {
+    let p = page_bytes(page);
+    let mut bare = Bare::start(page, 8);
+    let base = bare.base();
+    bare.peer.ok(&format!("spawn r read {p} 4k expect=snapshot"));
+    assert!(matches!(bare.events()[..], [Event::Pagefault { .. }]));
+    assert_eq!(bare.hs.uffd.copy(base + p, &snapshot_page(p, p), true, false).unwrap(), Outcome::Done);
+    bare.peer.ok("join r");
+    bare.peer.ok(&format!("spawn b remove {p} {p}"));
+    bare.peer.ok("wait-blocked b");
+    let zeros = vec![0u8; p as usize];
+    let refused = bare.hs.uffd.copy(base + 3 * p, &zeros, true, false).unwrap();
+    assert_eq!(refused, Outcome::Again { done: 0 });
+    let ev = bare.events();
+    assert_eq!(ev, vec![Event::Remove { start: base + p, end: base + 2 * p }]);
+    bare.peer.ok("join b");
+    assert_eq!(bare.hs.uffd.copy(base + 3 * p, &zeros, true, false).unwrap(), Outcome::Done);
+    bare.peer.ok(&format!("spawn r2 read {p} 4k expect=zero"));
+    let ev = bare.events();
+    assert!(matches!(ev[..], [Event::Pagefault { addr, .. }] if addr & !(p - 1) == base + p), "{ev:?}");
+    assert_eq!(bare.hs.uffd.copy(base + p, &zeros, true, false).unwrap(), Outcome::Done);
+    bare.peer.ok("join r2");
+}
+
+/// On 2 MiB hugetlb memory: `MADV_DONTNEED` of a range that ends inside a
+/// huge page drops only the whole huge pages (the REMOVE says so); one
+/// that starts inside a huge page fails with EINVAL and sends nothing;
+/// `UFFDIO_ZEROPAGE` is refused (zeros must be copied).
+#[test]
+fn hugetlb_dontneed_rounds_to_whole_huge_pages() {
+    let p = page_bytes("2m");
+    let mut bare = Bare::start("2m", 8);
+    let base = bare.base();
+    for i in 0..4u64 {
+        bare.peer.ok(&format!("spawn r{i} read {} 4k", i * p));
+        assert!(matches!(bare.events()[..], [Event::Pagefault { .. }]));
+        bare.hs.uffd.copy(base + i * p, &snapshot_page(i * p, p), true, false).unwrap();
+        bare.peer.ok(&format!("join r{i}"));
+    }
+    bare.peer.ok(&format!("spawn b remove {p} {}", p + p / 2));
+    let ev = bare.events();
+    assert_eq!(ev, vec![Event::Remove { start: base + p, end: base + 2 * p }], "REMOVE not rounded down");
+    bare.peer.ok("join b");
+    let unaligned = bare.peer.send(&format!("remove {} {p}", 2 * p + 4096));
+    assert!(unaligned.is_err_and(|e| e.contains("Invalid argument")));
+    let zero = bare.hs.uffd.zeropage(base + p, p, true);
+    assert!(zero.is_err(), "ZEROPAGE on hugetlb: {zero:?}");
+}
