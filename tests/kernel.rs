@@ -31,9 +31,16 @@ impl Bare {
         let listener = snapfault::server::listen(&sock).unwrap();
         let args = peer_args(&sock, mib, &["--no-boot-writes", "--page", page]);
         let mut peer = PeerProcess::spawn(&exe(), &args).unwrap();
-        let hs = handshake::accept(&listener, Duration::from_secs(10)).map_err(|r| r.error).unwrap();
+        let hs = handshake::accept(&listener, Duration::from_secs(10))
+            .map_err(|r| r.error)
+            .unwrap();
         peer.ready().unwrap();
-        Bare { peer, hs, buf: EventBuf::new(16), _dir: dir }
+        Bare {
+            peer,
+            hs,
+            buf: EventBuf::new(16),
+            _dir: dir,
+        }
     }
 
     fn base(&self) -> u64 {
@@ -75,19 +82,41 @@ fn copy_with_wp_protects(p: u64, page: &str) {
     let mut bare = Bare::start(page, 8);
     let base = bare.base();
     let size = bare.hs.regions[0].size;
-    bare.hs.uffd.register(base, size, register_mode::MISSING | register_mode::WP).expect("re-register with WP");
-    bare.peer.ok(&format!("spawn r read {p} 4k expect=snapshot"));
+    bare.hs
+        .uffd
+        .register(base, size, register_mode::MISSING | register_mode::WP)
+        .expect("re-register with WP");
+    bare.peer
+        .ok(&format!("spawn r read {p} 4k expect=snapshot"));
     let ev = bare.events();
-    assert!(matches!(ev[..], [Event::Pagefault { flags: 0, .. }]), "{ev:?}");
-    let outcome = bare.hs.uffd.copy(base + p, &snapshot_page(p, p), true, true).unwrap();
+    assert!(
+        matches!(ev[..], [Event::Pagefault { flags: 0, .. }]),
+        "{ev:?}"
+    );
+    let outcome = bare
+        .hs
+        .uffd
+        .copy(base + p, &snapshot_page(p, p), true, true)
+        .unwrap();
     assert_eq!(outcome, Outcome::Done);
     bare.peer.ok("join r");
     bare.peer.ok(&format!("spawn w write {p} 4k 3"));
     let ev = bare.events();
-    let [Event::Pagefault { addr, flags }] = ev[..] else { panic!("{ev:?}") };
-    assert_eq!(flags & (fault_flag::WP | fault_flag::WRITE), fault_flag::WP | fault_flag::WRITE);
+    let [Event::Pagefault { addr, flags }] = ev[..] else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(
+        flags & (fault_flag::WP | fault_flag::WRITE),
+        fault_flag::WP | fault_flag::WRITE
+    );
     assert_eq!(addr & !(p - 1), base + p);
-    assert_eq!(bare.hs.uffd.write_protect(base + p, p, false, true).unwrap(), Outcome::Done);
+    assert_eq!(
+        bare.hs
+            .uffd
+            .write_protect(base + p, p, false, true)
+            .unwrap(),
+        Outcome::Done
+    );
     bare.peer.ok("join w");
     bare.peer.ok(&format!("read {p} 4k"));
     // Zeros installed protected: a 2 MiB page has no zero page, so this is
@@ -96,11 +125,19 @@ fn copy_with_wp_protects(p: u64, page: &str) {
     let ev = bare.events();
     assert!(matches!(ev[..], [Event::Pagefault { .. }]), "{ev:?}");
     let zeros = vec![0u8; p as usize];
-    assert_eq!(bare.hs.uffd.copy(base + 2 * p, &zeros, true, true).unwrap(), Outcome::Done);
+    assert_eq!(
+        bare.hs.uffd.copy(base + 2 * p, &zeros, true, true).unwrap(),
+        Outcome::Done
+    );
     let ev = bare.events();
-    let [Event::Pagefault { flags, .. }] = ev[..] else { panic!("{ev:?}") };
+    let [Event::Pagefault { flags, .. }] = ev[..] else {
+        panic!("{ev:?}")
+    };
     assert_ne!(flags & fault_flag::WP, 0, "the zero page was not protected");
-    bare.hs.uffd.write_protect(base + 2 * p, p, false, true).unwrap();
+    bare.hs
+        .uffd
+        .write_protect(base + 2 * p, p, false, true)
+        .unwrap();
     bare.peer.ok("join z");
 }
 
@@ -121,23 +158,52 @@ fn eagain_while_remove_unread(page: &str) {
     let p = page_bytes(page);
     let mut bare = Bare::start(page, 8);
     let base = bare.base();
-    bare.peer.ok(&format!("spawn r read {p} 4k expect=snapshot"));
+    bare.peer
+        .ok(&format!("spawn r read {p} 4k expect=snapshot"));
     assert!(matches!(bare.events()[..], [Event::Pagefault { .. }]));
-    assert_eq!(bare.hs.uffd.copy(base + p, &snapshot_page(p, p), true, false).unwrap(), Outcome::Done);
+    assert_eq!(
+        bare.hs
+            .uffd
+            .copy(base + p, &snapshot_page(p, p), true, false)
+            .unwrap(),
+        Outcome::Done
+    );
     bare.peer.ok("join r");
     bare.peer.ok(&format!("spawn b remove {p} {p}"));
     bare.peer.ok("wait-blocked b");
     let zeros = vec![0u8; p as usize];
-    let refused = bare.hs.uffd.copy(base + 3 * p, &zeros, true, false).unwrap();
+    let refused = bare
+        .hs
+        .uffd
+        .copy(base + 3 * p, &zeros, true, false)
+        .unwrap();
     assert_eq!(refused, Outcome::Again { done: 0 });
     let ev = bare.events();
-    assert_eq!(ev, vec![Event::Remove { start: base + p, end: base + 2 * p }]);
+    assert_eq!(
+        ev,
+        vec![Event::Remove {
+            start: base + p,
+            end: base + 2 * p
+        }]
+    );
     bare.peer.ok("join b");
-    assert_eq!(bare.hs.uffd.copy(base + 3 * p, &zeros, true, false).unwrap(), Outcome::Done);
+    assert_eq!(
+        bare.hs
+            .uffd
+            .copy(base + 3 * p, &zeros, true, false)
+            .unwrap(),
+        Outcome::Done
+    );
     bare.peer.ok(&format!("spawn r2 read {p} 4k expect=zero"));
     let ev = bare.events();
-    assert!(matches!(ev[..], [Event::Pagefault { addr, .. }] if addr & !(p - 1) == base + p), "{ev:?}");
-    assert_eq!(bare.hs.uffd.copy(base + p, &zeros, true, false).unwrap(), Outcome::Done);
+    assert!(
+        matches!(ev[..], [Event::Pagefault { addr, .. }] if addr & !(p - 1) == base + p),
+        "{ev:?}"
+    );
+    assert_eq!(
+        bare.hs.uffd.copy(base + p, &zeros, true, false).unwrap(),
+        Outcome::Done
+    );
     bare.peer.ok("join r2");
 }
 
@@ -153,12 +219,22 @@ fn hugetlb_dontneed_rounds_to_whole_huge_pages() {
     for i in 0..4u64 {
         bare.peer.ok(&format!("spawn r{i} read {} 4k", i * p));
         assert!(matches!(bare.events()[..], [Event::Pagefault { .. }]));
-        bare.hs.uffd.copy(base + i * p, &snapshot_page(i * p, p), true, false).unwrap();
+        bare.hs
+            .uffd
+            .copy(base + i * p, &snapshot_page(i * p, p), true, false)
+            .unwrap();
         bare.peer.ok(&format!("join r{i}"));
     }
     bare.peer.ok(&format!("spawn b remove {p} {}", p + p / 2));
     let ev = bare.events();
-    assert_eq!(ev, vec![Event::Remove { start: base + p, end: base + 2 * p }], "REMOVE not rounded down");
+    assert_eq!(
+        ev,
+        vec![Event::Remove {
+            start: base + p,
+            end: base + 2 * p
+        }],
+        "REMOVE not rounded down"
+    );
     bare.peer.ok("join b");
     let unaligned = bare.peer.send(&format!("remove {} {p}", 2 * p + 4096));
     assert!(unaligned.is_err_and(|e| e.contains("Invalid argument")));

@@ -176,6 +176,9 @@ pub struct RigOptions {
     pub wrap: Option<Box<dyn FnOnce(FileSource) -> Arc<dyn PageSource>>>,
     /// More peer arguments.
     pub peer_args: Vec<String>,
+    /// Run a KVM VM with this many vCPUs in the peer (0: none); the memory
+    /// file is then a `testkit::kvm` image.
+    pub kvm_vcpus: u32,
 }
 
 impl Default for RigOptions {
@@ -189,6 +192,7 @@ impl Default for RigOptions {
             hooks: Hooks::default(),
             wrap: None,
             peer_args: Vec::new(),
+            kvm_vcpus: 0,
         }
     }
 }
@@ -235,7 +239,15 @@ impl Rig {
         let memfile = dir.path().join("mem");
         let socket = dir.path().join("mem.sock");
         let total: u64 = opts.regions_mib.iter().sum::<u64>() << 20;
-        write_memfile(&memfile, total, opts.seed, &[]).map_err(|e| e.to_string())?;
+        if opts.kvm_vcpus > 0 {
+            let mut out = std::io::BufWriter::new(
+                std::fs::File::create(&memfile).map_err(|e| e.to_string())?,
+            );
+            crate::testkit::kvm::write_image(&mut out, total).map_err(|e| e.to_string())?;
+            out.flush().map_err(|e| e.to_string())?;
+        } else {
+            write_memfile(&memfile, total, opts.seed, &[]).map_err(|e| e.to_string())?;
+        }
         let file = FileSource::open(&memfile).map_err(|e| e.to_string())?;
         let source: Arc<dyn PageSource> = match opts.wrap {
             Some(wrap) => wrap(file),
@@ -258,6 +270,9 @@ impl Rig {
         ];
         if opts.legacy {
             args.push("--legacy".into());
+        }
+        if opts.kvm_vcpus > 0 {
+            args.extend(["--kvm-vcpus".into(), opts.kvm_vcpus.to_string()]);
         }
         args.extend(opts.peer_args);
         let mut peer = PeerProcess::spawn(exe, &args).map_err(|e| e.to_string())?;

@@ -6,9 +6,11 @@
 //! - [`snapshot`]: synthetic memory files with checkable content.
 //! - [`gated`]: a page source a test can hold back or make fail.
 //! - [`kvm`]: a tiny VMM whose vCPUs touch memory served by snapfault.
+//! - [`vmpeer`]: the peer's KVM mode, checking what the vCPUs read.
 
 pub mod gated;
 pub mod harness;
 pub mod kvm;
 pub mod peer;
 pub mod snapshot;
+pub mod vmpeer;

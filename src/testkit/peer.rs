@@ -29,6 +29,7 @@ use crate::sys::mem::{Advice, Backing, Mapping, read_shared, write_shared};
 use crate::sys::sock::send_with_fds;
 use crate::sys::uffd::{Uffd, feature, register_mode};
 use crate::testkit::snapshot::{fill_snapshot, fill_written};
+use crate::testkit::vmpeer::KvmGuest;
 
 /// The peer's command line.
 #[derive(Debug, Clone, clap::Args)]
@@ -61,6 +62,10 @@ pub struct PeerArgs {
     /// declare (`touch-undeclared` then faults outside every region).
     #[arg(long, default_value_t = 0)]
     pub undeclared_mib: u64,
+    /// Run a KVM VM with this many vCPUs over the (single) region; the
+    /// memory file must be a `testkit::kvm` image. Implies no boot writes.
+    #[arg(long, default_value_t = 0)]
+    pub kvm_vcpus: u32,
 }
 
 /// What a `read` accepts.
@@ -87,6 +92,8 @@ enum Model {
 }
 
 struct Guest {
+    // Declared first so that it is dropped first: the VM uses the maps.
+    kvm: Option<KvmGuest>,
     undeclared: Option<Mapping>,
     maps: Vec<Mapping>,
     specs: Vec<RegionSpec>,
@@ -164,7 +171,13 @@ impl Peer {
         send_with_fds(conn.as_fd(), payload.as_bytes(), &fds)?;
         drop(file);
         let pages = (offset / PAGE_4K) as usize;
+        let kvm = match args.kvm_vcpus {
+            0 => None,
+            n if maps.len() == 1 => Some(KvmGuest::new(&maps[0], n)?),
+            _ => anyhow::bail!("--kvm-vcpus needs exactly one region"),
+        };
         let guest = Guest {
+            kvm,
             undeclared,
             maps,
             specs,
@@ -177,7 +190,7 @@ impl Peer {
             threads: HashMap::new(),
             _uffd: uffd,
         };
-        if !args.no_boot_writes {
+        if !args.no_boot_writes && args.kvm_vcpus == 0 {
             for (page, seed) in BOOT_WRITES {
                 peer.guest.write(page * PAGE_4K, PAGE_4K, seed)?;
             }
@@ -330,6 +343,14 @@ impl Guest {
                 self.read_threads(off, len, threads, expect)
             }
             ["remove-joint", len] => self.remove_joint(parse_size(len)?),
+            ["vcpu", rest @ ..] => self.kvm.as_ref().ok_or("not in KVM mode")?.command(rest),
+            ["assume-zero", gpa, len] => {
+                self.kvm
+                    .as_ref()
+                    .ok_or("not in KVM mode")?
+                    .assume_zero(parse_size(gpa)?, parse_size(len)?);
+                Ok("ok".into())
+            }
             ["touch-undeclared"] => {
                 let map = self.undeclared.as_ref().ok_or("no undeclared memory")?;
                 crate::sys::mem::touch(map, 0);
