@@ -2,7 +2,7 @@
 //!
 //! # Design
 //!
-//! One thread, the serve loop ([`event_loop`]), reads every event and does
+//! One thread, the serve loop (`event_loop`), reads every event and does
 //! every install. That is what makes REMOVE ordering simple and exact: the
 //! choice of bytes for a page and its install happen between two reads, so
 //! no REMOVE can land between them unseen (HAZARDS items 1, 2 and 5), and
@@ -10,9 +10,9 @@
 //! `EAGAIN` rather than letting them race the zap (item 7).
 //!
 //! What may be slow is kept off that thread: a page whose bytes the source
-//! cannot give at once goes to fetch workers ([`fetch`]), and the fault
+//! cannot give at once goes to fetch workers (`fetch`), and the fault
 //! waits in a list while the loop goes on reading events (item 3). Installs
-//! refused with `EAGAIN` wait in the deferred queue ([`deferred`]), retried
+//! refused with `EAGAIN` wait in the deferred queue (`deferred`), retried
 //! after the next read with a backoff that sleeps in `ppoll`, never spins.
 //!
 //! A session ends when the VM process exits (its pidfd turns readable, or

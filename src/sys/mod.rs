@@ -2,7 +2,7 @@
 //!
 //! Each submodule wraps one kernel interface in a safe API: owned file
 //! descriptors instead of integers, typed outcomes instead of `-1` and
-//! `errno`, and the one place ([`cvt`]) that turns a C return value into an
+//! `errno`, and the one place (`cvt`) that turns a C return value into an
 //! [`std::io::Error`]. The rest of the crate denies `unsafe_code`.
 //!
 //! The wrappers are written on `libc` by hand rather than taken from the

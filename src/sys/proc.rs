@@ -21,10 +21,8 @@ impl PidFd {
         let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         let fd = cvt(ret)? as i32;
         // SAFETY: a fresh descriptor that nothing else owns.
-        Ok(PidFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            pid,
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(PidFd { fd, pid })
     }
 
     /// The process id this handle was opened for.
@@ -80,9 +78,8 @@ impl EventFd {
         // SAFETY: eventfd takes values and returns a new descriptor or -1.
         let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
         // SAFETY: a fresh descriptor that nothing else owns.
-        Ok(EventFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(EventFd { fd })
     }
 
     /// Adds one to the counter, making the eventfd readable.

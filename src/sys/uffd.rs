@@ -168,7 +168,7 @@ const UFFDIO_ZEROPAGE: u64 = ioc(IOC_RW, 0x04, size_of::<RangeModeCountArg>());
 const UFFDIO_WRITEPROTECT: u64 = ioc(IOC_RW, 0x06, size_of::<WriteProtectArg>());
 const UFFDIO_POISON: u64 = ioc(IOC_RW, 0x08, size_of::<RangeModeCountArg>());
 /// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`.
-const USERFAULTFD_IOC_NEW: u64 = (0xaa << 8) | 0x00;
+const USERFAULTFD_IOC_NEW: u64 = 0xaa << 8;
 
 // The ABI, pinned: if any of these fail, the structures above do not match
 // the kernel's and every ioctl would read or write the wrong bytes.
@@ -372,9 +372,8 @@ impl Uffd {
             if let Ok(fd) = cvt(ret) {
                 // SAFETY: the ioctl returned a fresh descriptor that nothing
                 // else owns.
-                return Ok(Uffd {
-                    fd: unsafe { OwnedFd::from_raw_fd(fd) },
-                });
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                return Ok(Uffd { fd });
             }
         }
         // SAFETY: the syscall takes flags by value and returns a new
@@ -382,9 +381,8 @@ impl Uffd {
         let ret = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
         let fd = cvt(ret)? as RawFd;
         // SAFETY: a fresh descriptor that nothing else owns.
-        Ok(Uffd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Uffd { fd })
     }
 
     fn api(&self, features: u64) -> Result<u64, UffdError> {

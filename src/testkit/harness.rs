@@ -158,6 +158,9 @@ impl Drop for PeerProcess {
     }
 }
 
+/// Turns the rig's file source into the source served (e.g. a gated one).
+pub type WrapSource = Box<dyn FnOnce(FileSource) -> Arc<dyn PageSource>>;
+
 /// What a rig sets up.
 pub struct RigOptions {
     /// Region sizes in MiB, in handshake order.
@@ -173,7 +176,7 @@ pub struct RigOptions {
     /// Session hooks.
     pub hooks: Hooks,
     /// Wraps the file source, e.g. in a gated one.
-    pub wrap: Option<Box<dyn FnOnce(FileSource) -> Arc<dyn PageSource>>>,
+    pub wrap: Option<WrapSource>,
     /// More peer arguments.
     pub peer_args: Vec<String>,
     /// Run a KVM VM with this many vCPUs in the peer (0: none); the memory
