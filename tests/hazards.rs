@@ -427,3 +427,23 @@ fn fault_outside_regions_fails_closed() {
     );
     assert_eq!(report.summary.metrics.faults_outside_regions, 1);
 }
+
+/// Several regions, the last a hotplug region whose unplugged parts are
+/// holes in the memory file: every page reads as the file says, holes as
+/// zeros, from two threads at once.
+#[test]
+fn regions_with_a_hotplug_region_with_holes() {
+    let holes = vec![(20 << 20, 8 << 20)];
+    let opts = RigOptions {
+        regions_mib: vec![8, 8, 16],
+        holes,
+        ..RigOptions::default()
+    };
+    let mut rig = rig("4k", opts);
+    rig.peer.ok("read 0 32m threads=2");
+    rig.peer.ok("read 20m 8m expect=zero");
+    rig.peer.ok("read 18m 2m expect=snapshot");
+    let report = rig.finish();
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.summary.metrics.pages_from_source, (32 << 20) / 4096);
+}

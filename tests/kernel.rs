@@ -241,3 +241,59 @@ fn hugetlb_dontneed_rounds_to_whole_huge_pages() {
     let zero = bare.hs.uffd.zeropage(base + p, p, true);
     assert!(zero.is_err(), "ZEROPAGE on hugetlb: {zero:?}");
 }
+
+/// Why the server wakes after `EEXIST`: a page made present without a
+/// wake (`DONTWAKE`) leaves its faulting thread asleep, and a second
+/// install that finds it present wakes no one either; only `UFFDIO_WAKE`
+/// does.
+#[test]
+fn eexist_does_not_wake_the_faulting_thread() {
+    let mut bare = Bare::start("4k", 4);
+    let (base, p) = (bare.base(), 4096);
+    bare.peer
+        .ok(&format!("spawn r read {p} 4k expect=snapshot"));
+    assert!(matches!(bare.events()[..], [Event::Pagefault { .. }]));
+    let page = snapshot_page(p, p);
+    assert_eq!(
+        bare.hs.uffd.copy(base + p, &page, false, false).unwrap(),
+        Outcome::Done
+    );
+    assert_eq!(
+        bare.hs.uffd.copy(base + p, &page, true, false).unwrap(),
+        Outcome::Exists { done: 0 }
+    );
+    let still = bare.peer.ok("wait-blocked r");
+    assert!(still.contains("userfault"), "{still}");
+    bare.hs.uffd.wake(base + p, p).unwrap();
+    bare.peer.ok("join r");
+}
+
+/// `UFFDIO_POISON` on the peer's memory: its touch gets `SIGBUS`.
+#[test]
+fn poison_makes_the_peer_touch_raise_sigbus() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut bare = Bare::start("4k", 4);
+    let base = bare.base();
+    assert_eq!(
+        bare.hs.uffd.poison(base + 8192, 4096, true).unwrap(),
+        Outcome::Done
+    );
+    let _ = bare.peer.send("read 8192 4k");
+    let status = bare.peer.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
+}
+
+/// After `UFFDIO_UNREGISTER` a missing page is the kernel's again: the
+/// peer reads zeros and no event comes.
+#[test]
+fn unregister_hands_pages_back_to_the_kernel() {
+    let mut bare = Bare::start("4k", 4);
+    let (base, size) = (bare.base(), bare.hs.regions[0].size);
+    bare.hs.uffd.unregister(base, size).unwrap();
+    bare.peer.ok("read 0 16k expect=zero");
+    let mut out = Vec::new();
+    assert_eq!(
+        bare.hs.uffd.read_events(&mut bare.buf, &mut out).unwrap(),
+        0
+    );
+}

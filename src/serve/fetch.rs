@@ -96,10 +96,11 @@ impl Pool {
 impl Drop for Pool {
     fn drop(&mut self) {
         // Closing the channel ends each worker after its current fetch.
+        // They are not joined: a fetch stuck in storage must not keep the
+        // server from ending its session (the VM is gone or killed by
+        // then); a worker that finishes later finds no one to tell.
         self.jobs = None;
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.threads.clear();
     }
 }
 

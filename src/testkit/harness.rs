@@ -182,6 +182,8 @@ pub struct RigOptions {
     /// Run a KVM VM with this many vCPUs in the peer (0: none); the memory
     /// file is then a `testkit::kvm` image.
     pub kvm_vcpus: u32,
+    /// Holes `(offset, len)` in the memory file, 1 MiB aligned.
+    pub holes: Vec<(u64, u64)>,
 }
 
 impl Default for RigOptions {
@@ -196,6 +198,7 @@ impl Default for RigOptions {
             wrap: None,
             peer_args: Vec::new(),
             kvm_vcpus: 0,
+            holes: Vec::new(),
         }
     }
 }
@@ -249,7 +252,7 @@ impl Rig {
             crate::testkit::kvm::write_image(&mut out, total).map_err(|e| e.to_string())?;
             out.flush().map_err(|e| e.to_string())?;
         } else {
-            write_memfile(&memfile, total, opts.seed, &[]).map_err(|e| e.to_string())?;
+            write_memfile(&memfile, total, opts.seed, &opts.holes).map_err(|e| e.to_string())?;
         }
         let file = FileSource::open(&memfile).map_err(|e| e.to_string())?;
         let source: Arc<dyn PageSource> = match opts.wrap {
@@ -276,6 +279,10 @@ impl Rig {
         }
         if opts.kvm_vcpus > 0 {
             args.extend(["--kvm-vcpus".into(), opts.kvm_vcpus.to_string()]);
+        }
+        if !opts.holes.is_empty() {
+            let holes: Vec<String> = opts.holes.iter().map(|(o, l)| format!("{o}:{l}")).collect();
+            args.extend(["--holes".into(), holes.join(",")]);
         }
         args.extend(opts.peer_args);
         let mut peer = PeerProcess::spawn(exe, &args).map_err(|e| e.to_string())?;

@@ -66,6 +66,10 @@ pub struct PeerArgs {
     /// memory file must be a `testkit::kvm` image. Implies no boot writes.
     #[arg(long, default_value_t = 0)]
     pub kvm_vcpus: u32,
+    /// File ranges `OFFSET:LEN` (bytes) that are holes in the memory file
+    /// (the unplugged parts of a hotplug region): they read as zeros.
+    #[arg(long, value_delimiter = ',')]
+    pub holes: Vec<String>,
 }
 
 /// What a `read` accepts.
@@ -171,6 +175,19 @@ impl Peer {
         send_with_fds(conn.as_fd(), payload.as_bytes(), &fds)?;
         drop(file);
         let pages = (offset / PAGE_4K) as usize;
+        let mut model = vec![Model::Snapshot; pages];
+        for hole in &args.holes {
+            let (off, len) = hole
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("--holes {hole}"))?;
+            let (off, len) = (
+                parse_size(off).map_err(anyhow::Error::msg)?,
+                parse_size(len).map_err(anyhow::Error::msg)?,
+            );
+            for p in off / PAGE_4K..((off + len) / PAGE_4K).min(pages as u64) {
+                model[p as usize] = Model::Zero;
+            }
+        }
         let kvm = match args.kvm_vcpus {
             0 => None,
             n if maps.len() == 1 => Some(KvmGuest::new(&maps[0], n)?),
@@ -181,7 +198,7 @@ impl Peer {
             undeclared,
             maps,
             specs,
-            model: Mutex::new(vec![Model::Snapshot; pages]),
+            model: Mutex::new(model),
             seed: args.seed,
         };
         let peer = Peer {

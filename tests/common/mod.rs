@@ -121,14 +121,15 @@ pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 /// A `snapfault serve` process and what it printed.
 pub struct ServerProcess {
     child: std::process::Child,
-    stderr: std::sync::mpsc::Receiver<String>,
+    log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
     /// Its socket.
     pub socket: PathBuf,
 }
 
 impl ServerProcess {
     /// Starts `snapfault ARGS…` (with or without the `serve` word) and waits
-    /// until its socket exists.
+    /// until it logs that it listens (or exits).
     #[track_caller]
     pub fn start(args: &[&str], socket: &std::path::Path) -> ServerProcess {
         use std::io::BufRead;
@@ -139,19 +140,19 @@ impl ServerProcess {
             .spawn()
             .expect("start snapfault");
         let err = child.stderr.take().unwrap();
-        let (tx, stderr) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        let reader = std::thread::spawn(move || {
             for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
             }
         });
-        let mut server = ServerProcess {
-            child,
-            stderr,
-            socket: socket.to_path_buf(),
-        };
+        let mut server = ServerProcess { child, log, reader: Some(reader), socket: socket.to_path_buf() };
         wait_until("the server to listen", || {
-            socket.exists() || server.child.try_wait().ok().flatten().is_some()
+            server.log.lock().unwrap().contains("listening")
+                || server.child.try_wait().ok().flatten().is_some()
         });
         server
     }
@@ -160,15 +161,12 @@ impl ServerProcess {
     /// returns its exit code and everything it logged.
     #[track_caller]
     pub fn wait(mut self) -> (Option<i32>, String) {
-        wait_until("the server to exit", || {
-            self.child.try_wait().ok().flatten().is_some()
-        });
+        wait_until("the server to exit", || self.child.try_wait().ok().flatten().is_some());
         let status = self.child.wait().unwrap();
-        let mut log = String::new();
-        while let Ok(line) = self.stderr.recv_timeout(std::time::Duration::from_secs(5)) {
-            log.push_str(&line);
-            log.push('\n');
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
         }
+        let log = self.log.lock().unwrap().clone();
         (status.code(), log)
     }
 
