@@ -154,6 +154,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let source: Arc<dyn PageSource> = Arc::new(source);
+    match snapfault::sys::uffd::Uffd::probe_features() {
+        Ok(features) if features & snapfault::sys::uffd::feature::EVENT_REMOVE == 0 => {
+            tracing::warn!(features, "this kernel's userfaultfd has no REMOVE events")
+        }
+        Ok(features) => tracing::debug!(features, "userfaultfd features"),
+        Err(e) => tracing::warn!(error = %e, "cannot probe userfaultfd features"),
+    }
     let listener = match server::listen(&args.socket) {
         Ok(l) => l,
         Err(e) => return fail(&snapfault::serve::error_chain(&e)),

@@ -12,7 +12,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use common::{ReaderGate, page_bytes, rig};
+use common::{ReaderGate, page_bytes, rig, wait_until};
 use snapfault::pagestate::PageState;
 use snapfault::serve::{Config, End, ServeError};
 use snapfault::source::PageSource;
@@ -42,6 +42,7 @@ both_page_sizes!(
     remove_spanning_two_regions,
     exit_with_a_fault_pending_ends_cleanly,
     stop_while_serving_kills_the_vm,
+    install_into_memory_gone_ends_cleanly_and_installs_nothing,
 );
 
 fn state_at(rig: &snapfault::testkit::harness::Rig, offset: u64) -> PageState {
@@ -446,4 +447,47 @@ fn regions_with_a_hotplug_region_with_holes() {
     let report = rig.finish();
     assert!(report.error.is_none(), "{:?}", report.error);
     assert_eq!(report.summary.metrics.pages_from_source, (32 << 20) / 4096);
+}
+
+/// HAZARDS 10, the `ESRCH` path: a deferred install whose memory is gone
+/// (the process replaced its image with `exec`, so it lives on and its
+/// pidfd stays quiet) ends the session as a normal ending, and the page is
+/// not recorded as installed.
+fn install_into_memory_gone_ends_cleanly_and_installs_nothing(page: &'static str) {
+    let p = page_bytes(page);
+    let gate = ReaderGate::new();
+    let config = Config {
+        batch: 1,
+        ..Config::default()
+    };
+    let mut rig = rig(
+        page,
+        RigOptions {
+            hooks: gate.hooks(),
+            config,
+            ..RigOptions::default()
+        },
+    );
+    let at = 2 * p;
+    gate.hold();
+    rig.peer.ok(&format!("spawn reader read {at} {p}"));
+    rig.peer.ok("wait-blocked reader");
+    rig.peer.ok(&format!("spawn balloon remove {} {p}", 5 * p));
+    rig.peer.ok("wait-blocked balloon");
+    // One read: the fault (faults are read before events). Its install is
+    // refused while the REMOVE waits unread, so it is deferred.
+    gate.allow(1);
+    wait_until("the install to be deferred", || {
+        rig.metrics.deferred.load(Relaxed) >= 1
+    });
+    rig.peer.send_only("exec").unwrap();
+    let comm = format!("/proc/{}/comm", rig.peer.pid);
+    wait_until("the exec", || {
+        std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep")
+    });
+    gate.release();
+    let report = rig.join();
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.summary.end, Some(End::MemoryGone));
+    assert_eq!(state_at(&rig, at), PageState::Never);
 }

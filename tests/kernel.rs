@@ -297,3 +297,30 @@ fn unregister_hands_pages_back_to_the_kernel() {
         0
     );
 }
+
+/// A copy over several pages that meets a present one stops there: the
+/// ioctl then fails with `EAGAIN` (not `EEXIST`), its count saying how
+/// many bytes went in before the present page (a short copy); a copy that
+/// starts at the present page gets `EEXIST` with a negative count.
+#[test]
+fn copy_stops_at_a_present_page_and_counts_what_it_did() {
+    let mut bare = Bare::start("4k", 4);
+    let (base, p) = (bare.base(), 4096u64);
+    bare.peer
+        .ok(&format!("spawn r read {} 4k expect=snapshot", 2 * p));
+    assert!(matches!(bare.events()[..], [Event::Pagefault { .. }]));
+    assert_eq!(
+        bare.hs
+            .uffd
+            .copy(base + 2 * p, &snapshot_page(2 * p, p), true, false)
+            .unwrap(),
+        Outcome::Done
+    );
+    bare.peer.ok("join r");
+    let four = snapshot_page(0, 4 * p);
+    let outcome = bare.hs.uffd.copy(base, &four, true, false).unwrap();
+    assert_eq!(outcome, Outcome::Again { done: 2 * p });
+    let rest = bare.hs.uffd.copy(base + 2 * p, &four[2 * p as usize..], true, false).unwrap();
+    assert_eq!(rest, Outcome::Exists { done: 0 });
+    bare.peer.ok(&format!("read 0 {} expect=snapshot", 2 * p));
+}

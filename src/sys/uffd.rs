@@ -258,7 +258,9 @@ pub enum Outcome {
         /// Bytes completed before the present page.
         done: u64,
     },
-    /// `EAGAIN`: the mm is changing; `done` bytes from the start were done.
+    /// `EAGAIN`: the mm is changing, or the copy was short (it met a page
+    /// already present after `done` bytes: the kernel reports any short
+    /// copy as `EAGAIN`); `done` bytes from the start were done.
     Again {
         /// Bytes completed before the kernel stopped.
         done: u64,

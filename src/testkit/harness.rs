@@ -127,6 +127,13 @@ impl PeerProcess {
         }
     }
 
+    /// Sends a command whose answer will never come (`exec`).
+    pub fn send_only(&mut self, cmd: &str) -> Result<(), String> {
+        let stdin = self.stdin.as_mut().ok_or("stdin closed")?;
+        writeln!(stdin, "{cmd}").map_err(|e| format!("writing `{cmd}`: {e}"))?;
+        stdin.flush().map_err(|e| e.to_string())
+    }
+
     /// Sends a command that must succeed.
     #[track_caller]
     pub fn ok(&mut self, cmd: &str) -> String {

@@ -248,6 +248,7 @@ impl Peer {
     ///   userfaultfd wait (a fault, or a REMOVE not yet read).
     /// - `join NAME`: that thread's answer.
     /// - `close`: close the connection, as v1.10 does.
+    /// - `exec`: become `sleep 600` (the memory goes, the process stays).
     ///
     /// Offsets and lengths are guest offsets (file offsets), with `k`, `m`
     /// suffixes allowed.
@@ -278,6 +279,13 @@ impl Peer {
             ["close"] => {
                 self.conn = None;
                 "ok".into()
+            }
+            ["exec"] => {
+                // Replace this process's image: the memory the server was
+                // handed goes away while the process (and its pid) lives on.
+                use std::os::unix::process::CommandExt;
+                let err = std::process::Command::new("sleep").arg("600").exec();
+                format!("err exec: {err}")
             }
             _ => self.guest.run(line),
         }

@@ -59,7 +59,7 @@ pub fn rig(page: &'static str, mut opts: RigOptions) -> Rig {
 /// can queue several events and have them read together.
 #[derive(Default)]
 pub struct ReaderGate {
-    held: Mutex<bool>,
+    held: Mutex<(bool, u32)>,
     changed: Condvar,
 }
 
@@ -80,19 +80,32 @@ impl ReaderGate {
 
     /// Closes the gate: the serve loop stops before its next read.
     pub fn hold(&self) {
-        *self.held.lock().unwrap() = true;
+        *self.held.lock().unwrap() = (true, 0);
     }
 
     /// Opens the gate.
     pub fn release(&self) {
-        *self.held.lock().unwrap() = false;
+        *self.held.lock().unwrap() = (false, 0);
+        self.changed.notify_all();
+    }
+
+    /// Lets `n` more reads through a closed gate.
+    pub fn allow(&self, n: u32) {
+        self.held.lock().unwrap().1 += n;
         self.changed.notify_all();
     }
 
     fn pass(&self) {
         let mut held = self.held.lock().unwrap();
-        while *held {
-            held = self.changed.wait(held).unwrap();
+        loop {
+            match *held {
+                (false, _) => return,
+                (true, n) if n > 0 => {
+                    held.1 -= 1;
+                    return;
+                }
+                _ => held = self.changed.wait(held).unwrap(),
+            }
         }
     }
 }
@@ -149,7 +162,12 @@ impl ServerProcess {
                 log.push('\n');
             }
         });
-        let mut server = ServerProcess { child, log, reader: Some(reader), socket: socket.to_path_buf() };
+        let mut server = ServerProcess {
+            child,
+            log,
+            reader: Some(reader),
+            socket: socket.to_path_buf(),
+        };
         wait_until("the server to listen", || {
             server.log.lock().unwrap().contains("listening")
                 || server.child.try_wait().ok().flatten().is_some()
@@ -161,7 +179,9 @@ impl ServerProcess {
     /// returns its exit code and everything it logged.
     #[track_caller]
     pub fn wait(mut self) -> (Option<i32>, String) {
-        wait_until("the server to exit", || self.child.try_wait().ok().flatten().is_some());
+        wait_until("the server to exit", || {
+            self.child.try_wait().ok().flatten().is_some()
+        });
         let status = self.child.wait().unwrap();
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
