@@ -103,9 +103,11 @@ fn main() -> ExitCode {
 
 /// `snapfault SOCKET MEMFILE` means `snapfault serve SOCKET MEMFILE`.
 fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    const KNOWN: [&str; 8] = [
+    const KNOWN: [&str; 10] = [
         "serve",
         "demo",
+        "bench",
+        "bench-child",
         "fc-peer",
         "help",
         "-h",

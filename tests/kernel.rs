@@ -320,7 +320,11 @@ fn copy_stops_at_a_present_page_and_counts_what_it_did() {
     let four = snapshot_page(0, 4 * p);
     let outcome = bare.hs.uffd.copy(base, &four, true, false).unwrap();
     assert_eq!(outcome, Outcome::Again { done: 2 * p });
-    let rest = bare.hs.uffd.copy(base + 2 * p, &four[2 * p as usize..], true, false).unwrap();
+    let rest = bare
+        .hs
+        .uffd
+        .copy(base + 2 * p, &four[2 * p as usize..], true, false)
+        .unwrap();
     assert_eq!(rest, Outcome::Exists { done: 0 });
     bare.peer.ok(&format!("read 0 {} expect=snapshot", 2 * p));
 }

@@ -14,16 +14,16 @@ use std::sync::Barrier;
 use std::time::Instant;
 
 use super::raw::{GuestVm, PrivateMap, no_huge_pages};
-use super::spec::{Access, ChildResult, ChildSpec, Faulter, Memory, Page, Pattern, RemoveTimes, Role};
+use super::spec::{
+    Access, ChildResult, ChildSpec, Faulter, Memory, Page, Pattern, RemoveTimes, Role,
+};
 use super::stats::{Counts, Latency};
 use crate::handshake::{Flavor, encode};
 use crate::region::RegionSpec;
 use crate::sys::mem::{Advice, Backing, Mapping, read_shared, touch, write_shared};
 use crate::sys::sock::send_with_fds;
 use crate::sys::uffd::{Uffd, feature, register_mode};
-use crate::testkit::kvm::{
-    DATA_START, GuestOp, LIST_GPA, LIST_LEN, PAGE_SIZE, PageContent, expected_sum, pattern_word,
-};
+use crate::testkit::kvm::{DATA_START, pattern_word};
 use crate::testkit::snapshot::mix;
 
 /// The child's memory and what keeps it served.
@@ -47,19 +47,35 @@ impl Guest {
             Page::Small => Backing::Small,
             Page::Huge => Backing::Huge2M,
         };
-        let err = |what: &str| move |e: std::io::Error| format!("{what}: {e}");
+        let err = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
         match spec.memory {
             Memory::PrivateFile => {
                 let file = std::fs::File::open(&spec.memfile).map_err(err("opening memfile"))?;
                 let map = PrivateMap::file(&file, len).map_err(err("mapping memfile"))?;
-                Ok(Guest { memory: Backed::Private(map), _conn: None, _uffd: None })
+                Ok(Guest {
+                    memory: Backed::Private(map),
+                    _conn: None,
+                    _uffd: None,
+                })
             }
             Memory::Anon => {
-                let map = Mapping::anonymous(len, backing).map_err(err("mapping memory"))?;
+                let mut map = Mapping::anonymous(len, backing).map_err(err("mapping memory"))?;
                 if spec.page == Page::Small {
                     no_huge_pages(&map).map_err(err("MADV_NOHUGEPAGE"))?;
                 }
-                Ok(Guest { memory: Backed::Anon(map), _conn: None, _uffd: None })
+                if spec.faulter == Faulter::Vcpu {
+                    // The guest's code and page tables; the data area is
+                    // left for the kernel to fill on first touch.
+                    let mut file =
+                        std::fs::File::open(&spec.memfile).map_err(err("opening memfile"))?;
+                    let system = &mut map.bytes_mut()[..DATA_START as usize];
+                    std::io::Read::read_exact(&mut file, system).map_err(err("reading memfile"))?;
+                }
+                Ok(Guest {
+                    memory: Backed::Anon(map),
+                    _conn: None,
+                    _uffd: None,
+                })
             }
             Memory::Uffd => {
                 let map = Mapping::anonymous(len, backing).map_err(err("mapping memory"))?;
@@ -72,12 +88,19 @@ impl Guest {
                     offset: 0,
                     page_size: spec.page.bytes(),
                 };
-                let socket = spec.socket.as_ref().ok_or("no socket to hand the uffd to")?;
+                let socket = spec
+                    .socket
+                    .as_ref()
+                    .ok_or("no socket to hand the uffd to")?;
                 let conn = UnixStream::connect(socket).map_err(err("connecting"))?;
                 let payload = encode(&[region], Flavor::Current);
                 send_with_fds(conn.as_fd(), payload.as_bytes(), &[uffd.as_fd()])
                     .map_err(err("sending the handshake"))?;
-                Ok(Guest { memory: Backed::Anon(map), _conn: Some(conn), _uffd: Some(uffd) })
+                Ok(Guest {
+                    memory: Backed::Anon(map),
+                    _conn: Some(conn),
+                    _uffd: Some(uffd),
+                })
             }
         }
     }
@@ -113,6 +136,9 @@ impl Guest {
 
 /// Runs the child's part; the result is printed by the caller.
 pub fn run(role: Role, spec: &ChildSpec) -> Result<ChildResult, String> {
+    if let Some(cpu) = spec.cpu {
+        super::raw::pin_to_cpu(cpu).map_err(|e| format!("pinning to CPU {cpu}: {e}"))?;
+    }
     let mut guest = Guest::set_up(spec)?;
     match (role, spec.faulter) {
         (Role::Touch, Faulter::Thread) => {
@@ -126,9 +152,9 @@ pub fn run(role: Role, spec: &ChildSpec) -> Result<ChildResult, String> {
             let vm = GuestVm::new(map, spec.threads.max(1)).map_err(|e| e.to_string())?;
             wait_go()?;
             if role == Role::Ready {
-                ready(&vm, spec)
+                super::vcpu::ready(&vm, spec)
             } else {
-                touch_vcpus(&vm, spec)
+                super::vcpu::touch(&vm, spec)
             }
         }
         (Role::Remove, _) => {
@@ -147,6 +173,7 @@ pub fn run(role: Role, spec: &ChildSpec) -> Result<ChildResult, String> {
     }
 }
 
+/// Waits for the parent's `go` line.
 fn wait_go() -> Result<(), String> {
     let mut line = String::new();
     std::io::stdin()
@@ -163,30 +190,38 @@ fn wait_go() -> Result<(), String> {
 pub fn page_order(n: u64, pattern: Pattern, seed: u64) -> Vec<u64> {
     let mut order: Vec<u64> = (0..n).collect();
     if pattern == Pattern::Random {
-        let mut state = mix(seed) | 1;
+        // Fisher-Yates, drawing from a counter through splitmix64's
+        // finalizer.
         for i in (1..order.len()).rev() {
-            state = mix(state);
-            order.swap(i, (state % (i as u64 + 1)) as usize);
+            let draw = mix(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            order.swap(i, (draw % (i as u64 + 1)) as usize);
         }
     }
     order
 }
 
 /// `order` cut into `parts` contiguous pieces, one per faulter.
-fn split(order: &[u64], parts: u32) -> Vec<&[u64]> {
+pub fn split(order: &[u64], parts: u32) -> Vec<&[u64]> {
     let size = order.len().div_ceil(parts.max(1) as usize).max(1);
     order.chunks(size).collect()
 }
 
-struct Timed {
-    start: Instant,
-    end: Instant,
-    counts: Counts,
-    samples: Vec<u64>,
-    exits: u64,
+/// One faulter's timed part.
+pub struct Timed {
+    /// When it started touching.
+    pub start: Instant,
+    /// When it was done.
+    pub end: Instant,
+    /// Its kernel counters over that span.
+    pub counts: Counts,
+    /// Per-touch latencies, ns (threads only).
+    pub samples: Vec<u64>,
+    /// `KVM_RUN` returns (vCPUs only).
+    pub exits: u64,
 }
 
-fn combine(timed: Vec<Timed>, touches: u64) -> ChildResult {
+/// The result of all faulters of a run.
+pub fn combine(timed: Vec<Timed>, touches: u64) -> ChildResult {
     let start = timed.iter().map(|t| t.start).min();
     let end = timed.iter().map(|t| t.end).max();
     let wall = match (start, end) {
@@ -211,6 +246,7 @@ fn combine(timed: Vec<Timed>, touches: u64) -> ChildResult {
     }
 }
 
+/// Every thread first-touches its share of the pages, each touch timed.
 fn touch_threads(guest: &Guest, spec: &ChildSpec) -> Result<ChildResult, String> {
     let ps = spec.page.bytes();
     let order = page_order(spec.len / ps, spec.pattern, spec.seed);
@@ -233,11 +269,20 @@ fn touch_threads(guest: &Guest, spec: &ChildSpec) -> Result<ChildResult, String>
                     }
                     let end = Instant::now();
                     let counts = Counts::this_thread().since(&before);
-                    Timed { start, end, counts, samples, exits: 0 }
+                    Timed {
+                        start,
+                        end,
+                        counts,
+                        samples,
+                        exits: 0,
+                    }
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("touch thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("touch thread"))
+            .collect()
     });
     if spec.memory != Memory::Anon {
         for &page in &order {
@@ -250,96 +295,7 @@ fn touch_threads(guest: &Guest, spec: &ChildSpec) -> Result<ChildResult, String>
     Ok(combine(timed, order.len() as u64))
 }
 
-/// The guest operation of one vCPU's share, with its page list placed in
-/// the list area for a random order.
-fn vcpu_op(vm: &GuestVm<'_>, part: &[u64], spec: &ChildSpec, slot: u64) -> Result<GuestOp, String> {
-    let ps = spec.page.bytes();
-    let gpa = |p: u64| DATA_START + p * ps;
-    Ok(match spec.pattern {
-        Pattern::Seq => GuestOp::ReadSum {
-            first_gpa: gpa(part[0]),
-            pages: part.len() as u64,
-            stride_pages: ps / PAGE_SIZE,
-        },
-        Pattern::Random => {
-            let per_vcpu = LIST_LEN / 8 / u64::from(spec.threads.max(1));
-            if part.len() as u64 > per_vcpu {
-                return Err(format!("{} pages do not fit the guest's list area", part.len()));
-            }
-            let list_gpa = LIST_GPA + slot * per_vcpu * 8;
-            let gpas: Vec<u64> = part.iter().map(|&p| gpa(p)).collect();
-            vm.write_words(list_gpa, &gpas).map_err(|e| e.to_string())?;
-            GuestOp::ReadList { list_gpa, count: gpas.len() as u64 }
-        }
-    })
-}
-
-fn check_sum(value: u64, pages: impl IntoIterator<Item = u64>) -> Result<(), String> {
-    if value == expected_sum(pages, |_| PageContent::Image) {
-        Ok(())
-    } else {
-        Err("the guest read wrong bytes".into())
-    }
-}
-
-fn touch_vcpus(vm: &GuestVm<'_>, spec: &ChildSpec) -> Result<ChildResult, String> {
-    let ps = spec.page.bytes();
-    let data_pages = (spec.len - DATA_START) / ps;
-    let order = page_order(data_pages, spec.pattern, spec.seed);
-    let parts = split(&order, spec.threads);
-    let mut ops = Vec::new();
-    for (i, part) in parts.iter().enumerate() {
-        ops.push(vcpu_op(vm, part, spec, i as u64)?);
-    }
-    let barrier = Barrier::new(parts.len());
-    let results: Vec<Result<(Timed, u64), String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ops
-            .iter()
-            .enumerate()
-            .map(|(i, &op)| {
-                let barrier = &barrier;
-                s.spawn(move || {
-                    // Untimed, and on the thread that runs the vCPU after
-                    // it (KVM waits for an RCU grace period when a vCPU
-                    // changes threads): fault code and page tables in.
-                    let warm = GuestOp::ReadSum { first_gpa: LIST_GPA, pages: 1, stride_pages: 0 };
-                    let warm = vm.run(i as u32, warm).map_err(|e| e.to_string());
-                    barrier.wait();
-                    warm?;
-                    let before = Counts::this_thread();
-                    let start = Instant::now();
-                    let out = vm.run(i as u32, op).map_err(|e| e.to_string())?;
-                    let end = Instant::now();
-                    let counts = Counts::this_thread().since(&before);
-                    let t = Timed { start, end, counts, samples: Vec::new(), exits: out.exits };
-                    Ok((t, out.value))
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("vCPU thread")).collect()
-    });
-    let mut timed = Vec::new();
-    for (r, part) in results.into_iter().zip(&parts) {
-        let (t, value) = r?;
-        check_sum(value, part.iter().map(|&p| DATA_START + p * ps))?;
-        timed.push(t);
-    }
-    Ok(combine(timed, order.len() as u64))
-}
-
-fn ready(vm: &GuestVm<'_>, spec: &ChildSpec) -> Result<ChildResult, String> {
-    let pages = (spec.len - DATA_START) / PAGE_SIZE;
-    let op = GuestOp::ReadSum { first_gpa: DATA_START, pages, stride_pages: 1 };
-    let before = Counts::this_thread();
-    let start = Instant::now();
-    let out = vm.run(0, op).map_err(|e| e.to_string())?;
-    let end = Instant::now();
-    let counts = Counts::this_thread().since(&before);
-    check_sum(out.value, op.visited_pages().unwrap_or_default())?;
-    let t = Timed { start, end, counts, samples: Vec::new(), exits: out.exits };
-    Ok(combine(vec![t], pages))
-}
-
+/// `madvise(MADV_DONTNEED)` calls of each length, each timed.
 fn removes(guest: &Guest, spec: &ChildSpec) -> Result<ChildResult, String> {
     let Backed::Anon(map) = &guest.memory else {
         return Err("REMOVE needs anonymous memory".into());
@@ -350,6 +306,9 @@ fn removes(guest: &Guest, spec: &ChildSpec) -> Result<ChildResult, String> {
     // Lengths interleaved call by call, so that drift hits them alike.
     for _ in 0..spec.remove_calls {
         for (i, &len) in spec.remove_lens.iter().enumerate() {
+            if spec.remove_gap_us > 0 {
+                std::thread::sleep(std::time::Duration::from_micros(spec.remove_gap_us));
+            }
             let t = Instant::now();
             map.advise(0, len as usize, Advice::DontNeed)
                 .map_err(|e| format!("madvise of {len} bytes: {e}"))?;

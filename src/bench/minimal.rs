@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
+use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use super::stats::Counts;
@@ -34,17 +35,18 @@ pub struct Served {
 }
 
 /// Serves `uffd` from `file` (the memory file's bytes) until the VM
-/// process behind `pidfd` exits.
+/// process behind `pidfd` exits. With `bulk`, every region is copied
+/// first and the time it took sent there.
 pub fn serve(
     uffd: &Uffd,
     regions: &[RegionSpec],
     file: &[u8],
     pidfd: &PidFd,
-    bulk: bool,
+    bulk: Option<&Sender<Duration>>,
 ) -> Result<Served, String> {
     let before = Counts::this_thread();
     let mut served = Served::default();
-    if bulk {
+    if let Some(done) = bulk {
         let start = Instant::now();
         for r in regions {
             for at in (0..r.size).step_by(HUGE_2M) {
@@ -53,7 +55,9 @@ pub fn serve(
                 install(uffd, r.base + at, src, &mut VecDeque::new())?;
             }
         }
-        served.bulk = Some(start.elapsed());
+        let took = start.elapsed();
+        served.bulk = Some(took);
+        let _ = done.send(took);
     }
     let mut buf = EventBuf::new(1);
     let mut read = Vec::with_capacity(1);
@@ -114,7 +118,8 @@ fn install(uffd: &Uffd, dst: u64, src: &[u8], queue: &mut VecDeque<Event>) -> Re
         match outcome {
             Outcome::Done | Outcome::Gone => return Ok(()),
             Outcome::Exists { .. } => {
-                uffd.wake(dst, src.len() as u64).map_err(|e| e.to_string())?;
+                uffd.wake(dst, src.len() as u64)
+                    .map_err(|e| e.to_string())?;
                 return Ok(());
             }
             Outcome::Again { done: more } => {

@@ -1,7 +1,8 @@
 //! The few raw calls the bench needs that [`crate::sys`] does not wrap:
 //! a private, writable mapping of the memory file (the kernel's own
-//! faults), `MADV_NOHUGEPAGE`, and a test-kit VM over a mapping it borrows
-//! for its whole life. Every `unsafe` block of the bench is here.
+//! faults), `MADV_NOHUGEPAGE`, pinning a thread to a CPU, and a test-kit
+//! VM over a mapping it borrows for its whole life. Every `unsafe` block
+//! of the bench is here.
 
 use std::fs::File;
 use std::io;
@@ -58,18 +59,12 @@ impl PrivateMap {
         Ok(PrivateMap { ptr, len })
     }
 
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the mapping is empty (never: construction refuses 0).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     fn byte(&self, offset: usize) -> &AtomicU8 {
-        assert!(offset < self.len, "offset {offset} outside {} bytes", self.len);
+        assert!(
+            offset < self.len,
+            "offset {offset} outside {} bytes",
+            self.len
+        );
         // SAFETY: `offset` is inside the mapping (asserted), which stays
         // mapped, readable and writable while `self` lives; a byte is always
         // aligned for `AtomicU8`; and every access to these bytes is atomic
@@ -105,7 +100,34 @@ pub fn no_huge_pages(map: &Mapping) -> io::Result<()> {
     }
     // SAFETY: the range is exactly a live mapping this process owns;
     // MADV_NOHUGEPAGE only sets a flag on its VMA and changes no byte.
-    let ret = unsafe { libc::madvise(map.addr() as *mut libc::c_void, map.len(), libc::MADV_NOHUGEPAGE) };
+    let ret = unsafe {
+        libc::madvise(
+            map.addr() as *mut libc::c_void,
+            map.len(),
+            libc::MADV_NOHUGEPAGE,
+        )
+    };
+    if ret == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Pins the calling thread (and the threads it starts afterwards) to
+/// `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: `cpu_set_t` is a plain bit array, for which all-zero is the
+    // empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= 8 * size_of::<libc::cpu_set_t>() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: `cpu` is within the set (checked above); CPU_SET only sets
+    // that bit of the exclusively borrowed `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; the kernel reads exactly
+    // `size_of::<cpu_set_t>()` bytes from the live `set`.
+    let ret = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
     if ret == -1 {
         return Err(io::Error::last_os_error());
     }

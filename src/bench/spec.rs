@@ -1,8 +1,9 @@
 //! What the parent asks of a child process, and what the child answers.
 //!
 //! Both travel as JSON: the spec on the child's command line, the result
-//! as one line on its stdout that starts with [`RESULT_TAG`] (other lines,
-//! such as a test harness's chatter, are ignored).
+//! as one line on its stdout that holds [`RESULT_TAG`] and then the JSON
+//! (what comes before the tag, and other lines, such as a test harness's
+//! chatter, are ignored).
 
 use std::path::PathBuf;
 
@@ -161,6 +162,11 @@ pub struct ChildSpec {
     pub remove_lens: Vec<u64>,
     /// Calls per length, for [`Role::Remove`].
     pub remove_calls: u32,
+    /// Sleep before each call, us (0: calls back to back), so that the
+    /// server has gone to sleep when the REMOVE comes.
+    pub remove_gap_us: u64,
+    /// Pin the child (all its threads) to this CPU.
+    pub cpu: Option<usize>,
 }
 
 /// Medians of one child's `madvise` calls of one length.
