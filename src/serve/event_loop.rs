@@ -98,7 +98,8 @@ fn drain(
     events: &mut Vec<Event>,
 ) -> Result<Option<End>, ServeError> {
     let mut idle_since: Option<Instant> = None;
-    for _ in 0..MAX_BATCHES {
+    let mut batches = 0;
+    loop {
         if let Some(hook) = &s.hooks.before_read {
             hook();
         }
@@ -111,6 +112,19 @@ fn drain(
             if let Some(end) = answer.batch(events)? {
                 return Ok(Some(end));
             }
+            batches += 1;
+            if batches == MAX_BATCHES {
+                // Still busy: let finished fetches and deferred retries
+                // have a turn; the descriptor stays readable, so the next
+                // wait returns at once.
+                return Ok(None);
+            }
+            if n < buf.capacity() && s.config.spin.is_zero() {
+                // A short read emptied the queue: the next `ppoll` tells
+                // of new events as cheaply as another read would, and
+                // sleeps if there are none.
+                return Ok(None);
+            }
             continue;
         }
         if s.config.spin.is_zero() || !answer.deferred.is_empty() {
@@ -122,9 +136,6 @@ fn drain(
         }
         std::hint::spin_loop();
     }
-    // Still busy: let finished fetches and deferred retries have a turn;
-    // the descriptor stays readable, so the next wait returns at once.
-    Ok(None)
 }
 
 fn wait(

@@ -65,7 +65,7 @@ impl Default for Config {
         Config {
             batch: 64,
             workers: 2,
-            spin: Duration::ZERO,
+            spin: Duration::from_micros(50),
             retry_min: Duration::from_micros(20),
             retry_max: Duration::from_millis(10),
             fetch_attempts: 3,

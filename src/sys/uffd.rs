@@ -324,6 +324,11 @@ pub struct EventBuf {
 }
 
 impl EventBuf {
+    /// Messages one read can bring.
+    pub fn capacity(&self) -> usize {
+        self.raw.len()
+    }
+
     /// A buffer for at most `capacity` messages per read.
     pub fn new(capacity: usize) -> EventBuf {
         let zero = RawMsg {
