@@ -47,8 +47,9 @@ both_page_sizes!(
     two_vcpus_race_faults_and_reports_on_the_same_pages,
 );
 
-/// Sequential, strided and random reads from two vCPUs at once: every
-/// checksum matches the image (page tables and code came through too).
+/// Sequential, strided, random and listed reads, from two vCPUs at once:
+/// every checksum matches the image (page tables and code came through
+/// too).
 fn vcpus_read_the_snapshot(page: &'static str) {
     let Some(mut rig) = kvm_rig(page, 2) else {
         return;
@@ -67,6 +68,8 @@ fn vcpus_read_the_snapshot(page: &'static str) {
         .ok(&format!("vcpu 0 sum {DATA_START} {} 3", data_pages / 3));
     rig.peer
         .ok(&format!("vcpu 1 sum {DATA_START} {data_pages} 1"));
+    rig.peer
+        .ok(&format!("vcpu 0 list {DATA_START} {data_pages} 500 9"));
     let report = rig.finish();
     assert!(report.error.is_none(), "{:?}", report.error);
     assert!(report.summary.metrics.pages_from_source > 0);

@@ -52,6 +52,8 @@ impl KvmGuest {
     ///
     /// - `sum FIRST PAGES STRIDE`, `random FIRST RANGE COUNT SEED`: a read,
     ///   its checksum checked against the model (`any`: not checked);
+    /// - `list FIRST RANGE COUNT SEED`: the same pages as `random`, as a
+    ///   recorded list the VMM writes into guest memory first;
     /// - `write FIRST PAGES STRIDE SEED`;
     /// - `report GPA LEN wait|nowait`: a free-page report.
     pub fn command(&self, words: &[&str]) -> Result<String, String> {
@@ -83,6 +85,18 @@ impl KvmGuest {
                 stride_pages: num(4)?,
                 seed: num(5)?,
             },
+            Some("list") => {
+                // A recorded list: the VMM writes the page addresses into
+                // guest memory (a host touch, served like any other).
+                let pages = kvm::random_pages(num(2)?, num(3)?, num(4)?, num(5)?);
+                self.vm
+                    .write_words(kvm::LIST_GPA, &pages)
+                    .map_err(|e| crate::serve::error_chain(&e))?;
+                GuestOp::ReadList {
+                    list_gpa: kvm::LIST_GPA,
+                    count: pages.len() as u64,
+                }
+            }
             Some("report") => GuestOp::ReportFree {
                 gpa: num(2)?,
                 len: num(3)?,
@@ -93,6 +107,10 @@ impl KvmGuest {
         let expected = match op {
             GuestOp::ReadSum { .. } | GuestOp::ReadRandom { .. } if !unchecked => {
                 let pages = op.visited_pages().expect("reads list their pages");
+                Some(kvm::expected_sum(pages, |gpa| self.content(gpa)))
+            }
+            GuestOp::ReadList { .. } if !unchecked => {
+                let pages = kvm::random_pages(num(2)?, num(3)?, num(4)?, num(5)?);
                 Some(kvm::expected_sum(pages, |gpa| self.content(gpa)))
             }
             _ => None,
