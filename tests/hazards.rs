@@ -12,23 +12,12 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use common::{ReaderGate, page_bytes, rig, wait_until};
+use common::{ReaderGate, in_one_batch, page_bytes, queue_blocked, rig, wait_until};
 use snapfault::pagestate::PageState;
 use snapfault::serve::{Config, End, ServeError};
 use snapfault::source::PageSource;
 use snapfault::testkit::gated::GatedSource;
 use snapfault::testkit::harness::RigOptions;
-
-macro_rules! both_page_sizes {
-    ($($name:ident),* $(,)?) => {
-        mod small {
-            $(#[test] fn $name() { super::$name("4k"); })*
-        }
-        mod huge {
-            $(#[test] fn $name() { super::$name("2m"); })*
-        }
-    };
-}
 
 both_page_sizes!(
     served_page_faults_again_after_remove,
@@ -99,15 +88,11 @@ fn remove_and_fault_in_one_batch_get_zeros(page: &'static str) {
     );
     for i in 0..3 {
         let at = (3 + i) * p;
-        gate.hold();
-        rig.peer
-            .ok(&format!("spawn reader read {at} {p} expect=zero"));
-        rig.peer.ok("wait-blocked reader");
-        rig.peer.ok(&format!("spawn balloon remove {at} {p}"));
-        rig.peer.ok("wait-blocked balloon");
-        gate.release();
-        rig.peer.ok("join balloon");
-        rig.peer.ok("join reader");
+        let (read, remove) = (
+            format!("read {at} {p} expect=zero"),
+            format!("remove {at} {p}"),
+        );
+        in_one_batch(&mut rig, &gate, &read, &remove);
         rig.peer.ok(&format!("read {at} {p} expect=zero"));
     }
     let layout = rig.layout.clone();
@@ -133,15 +118,11 @@ fn write_in_the_window_before_the_zap_never_brings_back_snapshot_bytes(page: &'s
     );
     for i in 0..6 {
         let at = (2 + i) * p;
-        gate.hold();
-        rig.peer
-            .ok(&format!("spawn writer write {at} 4k {}", 100 + i));
-        rig.peer.ok("wait-blocked writer");
-        rig.peer.ok(&format!("spawn balloon remove {at} {p}"));
-        rig.peer.ok("wait-blocked balloon");
-        gate.release();
-        rig.peer.ok("join balloon");
-        rig.peer.ok("join writer");
+        let (write, remove) = (
+            format!("write {at} 4k {}", 100 + i),
+            format!("remove {at} {p}"),
+        );
+        in_one_batch(&mut rig, &gate, &write, &remove);
         rig.peer
             .ok(&format!("read {at} 4k expect=zero-or-{}", 100 + i));
         rig.peer
@@ -171,15 +152,11 @@ fn eagain_install_is_kept_and_retried_without_other_events(page: &'static str) {
         },
     );
     let (at, other) = (2 * p, 5 * p);
-    gate.hold();
-    rig.peer
-        .ok(&format!("spawn reader read {at} {p} expect=snapshot"));
-    rig.peer.ok("wait-blocked reader");
-    rig.peer.ok(&format!("spawn balloon remove {other} {p}"));
-    rig.peer.ok("wait-blocked balloon");
-    gate.release();
-    rig.peer.ok("join balloon");
-    rig.peer.ok("join reader");
+    let (read, remove) = (
+        format!("read {at} {p} expect=snapshot"),
+        format!("remove {other} {p}"),
+    );
+    in_one_batch(&mut rig, &gate, &read, &remove);
     let layout = rig.layout.clone();
     let report = rig.finish();
     assert!(report.error.is_none(), "{:?}", report.error);
@@ -202,16 +179,8 @@ fn duplicate_faults_both_wake(page: &'static str) {
         },
     );
     let at = 4 * p;
-    gate.hold();
-    rig.peer
-        .ok(&format!("spawn a read {at} 4k expect=snapshot"));
-    rig.peer.ok("wait-blocked a");
-    rig.peer
-        .ok(&format!("spawn b read {at} 4k expect=snapshot"));
-    rig.peer.ok("wait-blocked b");
-    gate.release();
-    rig.peer.ok("join a");
-    rig.peer.ok("join b");
+    let read = format!("read {at} 4k expect=snapshot");
+    in_one_batch(&mut rig, &gate, &read, &read);
     // Both threads were woken by the first install; one more fault makes
     // sure the loop has answered the second event before the VM exits
     // (an install after the exit would end with ESRCH instead).
@@ -362,8 +331,7 @@ fn exit_with_a_fault_pending_ends_cleanly(page: &'static str) {
     );
     let at = 5 * p;
     gate.hold();
-    rig.peer.ok(&format!("spawn reader read {at} {p}"));
-    rig.peer.ok("wait-blocked reader");
+    queue_blocked(&mut rig, "reader", &format!("read {at} {p}"));
     let _ = std::process::Command::new("kill")
         .args(["-9", &rig.peer.pid.to_string()])
         .status();
@@ -391,8 +359,7 @@ fn stop_while_serving_kills_the_vm(page: &'static str) {
         },
     );
     gate.hold();
-    rig.peer.ok(&format!("spawn reader read {} {p}", 2 * p));
-    rig.peer.ok("wait-blocked reader");
+    queue_blocked(&mut rig, "reader", &format!("read {} {p}", 2 * p));
     rig.stop.stop();
     gate.release();
     let status = rig.peer.wait().expect("peer ends");
@@ -470,10 +437,8 @@ fn install_into_memory_gone_ends_cleanly_and_installs_nothing(page: &'static str
     );
     let at = 2 * p;
     gate.hold();
-    rig.peer.ok(&format!("spawn reader read {at} {p}"));
-    rig.peer.ok("wait-blocked reader");
-    rig.peer.ok(&format!("spawn balloon remove {} {p}", 5 * p));
-    rig.peer.ok("wait-blocked balloon");
+    queue_blocked(&mut rig, "reader", &format!("read {at} {p}"));
+    queue_blocked(&mut rig, "balloon", &format!("remove {} {p}", 5 * p));
     // One read: the fault (faults are read before events). Its install is
     // refused while the REMOVE waits unread, so it is deferred.
     gate.allow(1);

@@ -30,17 +30,6 @@ fn kvm_rig(page: &'static str, vcpus: u32) -> Option<Rig> {
     ))
 }
 
-macro_rules! both_page_sizes {
-    ($($name:ident),* $(,)?) => {
-        mod small {
-            $(#[test] fn $name() { super::$name("4k"); })*
-        }
-        mod huge {
-            $(#[test] fn $name() { super::$name("2m"); })*
-        }
-    };
-}
-
 both_page_sizes!(
     vcpus_read_the_snapshot,
     balloon_report_then_guest_reads_zeros,

@@ -224,3 +224,38 @@ pub fn peer_args(socket: &std::path::Path, mib: u64, more: &[&str]) -> Vec<Strin
     args.extend(more.iter().map(|s| s.to_string()));
     args
 }
+
+/// Runs `cmd` on a new peer thread `name` and waits until it sleeps in
+/// the kernel on the userfaultfd (a fault, or a REMOVE not yet read).
+#[track_caller]
+pub fn queue_blocked(rig: &mut Rig, name: &str, cmd: &str) {
+    rig.peer.ok(&format!("spawn {name} {cmd}"));
+    rig.peer.ok(&format!("wait-blocked {name}"));
+}
+
+/// Queues two commands' events while the serve loop is held at `gate`,
+/// so that it reads them in one batch, then lets it go and joins both
+/// threads (`a` and `b`).
+#[track_caller]
+pub fn in_one_batch(rig: &mut Rig, gate: &ReaderGate, a: &str, b: &str) {
+    gate.hold();
+    queue_blocked(rig, "a", a);
+    queue_blocked(rig, "b", b);
+    gate.release();
+    rig.peer.ok("join b");
+    rig.peer.ok("join a");
+}
+
+/// Declares each named test function `f(page)` twice: `small::f` with
+/// 4 KiB pages and `huge::f` with 2 MiB hugetlb pages.
+#[macro_export]
+macro_rules! both_page_sizes {
+    ($($name:ident),* $(,)?) => {
+        mod small {
+            $(#[test] fn $name() { super::$name("4k"); })*
+        }
+        mod huge {
+            $(#[test] fn $name() { super::$name("2m"); })*
+        }
+    };
+}
