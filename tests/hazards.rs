@@ -17,7 +17,7 @@ use snapfault::pagestate::PageState;
 use snapfault::serve::{Config, End, ServeError};
 use snapfault::source::PageSource;
 use snapfault::testkit::gated::GatedSource;
-use snapfault::testkit::harness::RigOptions;
+use snapfault::testkit::harness::{Rig, RigOptions};
 
 both_page_sizes!(
     served_page_faults_again_after_remove,
@@ -33,6 +33,20 @@ both_page_sizes!(
     stop_while_serving_kills_the_vm,
     install_into_memory_gone_ends_cleanly_and_installs_nothing,
 );
+
+/// A rig whose serve loop can be held before its reads.
+fn held_rig(page: &'static str, config: Config) -> (Rig, std::sync::Arc<ReaderGate>) {
+    let gate = ReaderGate::new();
+    let rig = rig(
+        page,
+        RigOptions {
+            hooks: gate.hooks(),
+            config,
+            ..RigOptions::default()
+        },
+    );
+    (rig, gate)
+}
 
 fn state_at(rig: &snapfault::testkit::harness::Rig, offset: u64) -> PageState {
     state_in(&rig.layout, offset)
@@ -78,14 +92,7 @@ fn served_page_faults_again_after_remove(page: &'static str) {
 /// REMOVE is applied first, so the fault gets zeros, not snapshot bytes.
 fn remove_and_fault_in_one_batch_get_zeros(page: &'static str) {
     let p = page_bytes(page);
-    let gate = ReaderGate::new();
-    let mut rig = rig(
-        page,
-        RigOptions {
-            hooks: gate.hooks(),
-            ..RigOptions::default()
-        },
-    );
+    let (mut rig, gate) = held_rig(page, Config::default());
     for i in 0..3 {
         let at = (3 + i) * p;
         let (read, remove) = (
@@ -108,14 +115,7 @@ fn remove_and_fault_in_one_batch_get_zeros(page: &'static str) {
 /// or what was written, never snapshot bytes.
 fn write_in_the_window_before_the_zap_never_brings_back_snapshot_bytes(page: &'static str) {
     let p = page_bytes(page);
-    let gate = ReaderGate::new();
-    let mut rig = rig(
-        page,
-        RigOptions {
-            hooks: gate.hooks(),
-            ..RigOptions::default()
-        },
-    );
+    let (mut rig, gate) = held_rig(page, Config::default());
     for i in 0..6 {
         let at = (2 + i) * p;
         let (write, remove) = (
@@ -138,17 +138,11 @@ fn write_in_the_window_before_the_zap_never_brings_back_snapshot_bytes(page: &'s
 /// REMOVE still waits in the queue, so the kernel must refuse the install.
 fn eagain_install_is_kept_and_retried_without_other_events(page: &'static str) {
     let p = page_bytes(page);
-    let gate = ReaderGate::new();
-    let config = Config {
-        batch: 1,
-        ..Config::default()
-    };
-    let mut rig = rig(
+    let (mut rig, gate) = held_rig(
         page,
-        RigOptions {
-            hooks: gate.hooks(),
-            config,
-            ..RigOptions::default()
+        Config {
+            batch: 1,
+            ..Config::default()
         },
     );
     let (at, other) = (2 * p, 5 * p);
@@ -170,14 +164,7 @@ fn eagain_install_is_kept_and_retried_without_other_events(page: &'static str) {
 /// install gets EEXIST and its thread must still be woken.
 fn duplicate_faults_both_wake(page: &'static str) {
     let p = page_bytes(page);
-    let gate = ReaderGate::new();
-    let mut rig = rig(
-        page,
-        RigOptions {
-            hooks: gate.hooks(),
-            ..RigOptions::default()
-        },
-    );
+    let (mut rig, gate) = held_rig(page, Config::default());
     let at = 4 * p;
     let read = format!("read {at} 4k expect=snapshot");
     in_one_batch(&mut rig, &gate, &read, &read);
@@ -321,14 +308,7 @@ fn remove_spanning_two_regions(page: &'static str) {
 /// as a normal ending, and the page is not recorded as installed.
 fn exit_with_a_fault_pending_ends_cleanly(page: &'static str) {
     let p = page_bytes(page);
-    let gate = ReaderGate::new();
-    let mut rig = rig(
-        page,
-        RigOptions {
-            hooks: gate.hooks(),
-            ..RigOptions::default()
-        },
-    );
+    let (mut rig, gate) = held_rig(page, Config::default());
     let at = 5 * p;
     gate.hold();
     queue_blocked(&mut rig, "reader", &format!("read {at} {p}"));
@@ -350,14 +330,7 @@ fn exit_with_a_fault_pending_ends_cleanly(page: &'static str) {
 /// session fails closed, killing the VM rather than leaving it hung.
 fn stop_while_serving_kills_the_vm(page: &'static str) {
     let p = page_bytes(page);
-    let gate = ReaderGate::new();
-    let mut rig = rig(
-        page,
-        RigOptions {
-            hooks: gate.hooks(),
-            ..RigOptions::default()
-        },
-    );
+    let (mut rig, gate) = held_rig(page, Config::default());
     gate.hold();
     queue_blocked(&mut rig, "reader", &format!("read {} {p}", 2 * p));
     rig.stop.stop();
@@ -422,17 +395,11 @@ fn regions_with_a_hotplug_region_with_holes() {
 /// not recorded as installed.
 fn install_into_memory_gone_ends_cleanly_and_installs_nothing(page: &'static str) {
     let p = page_bytes(page);
-    let gate = ReaderGate::new();
-    let config = Config {
-        batch: 1,
-        ..Config::default()
-    };
-    let mut rig = rig(
+    let (mut rig, gate) = held_rig(
         page,
-        RigOptions {
-            hooks: gate.hooks(),
-            config,
-            ..RigOptions::default()
+        Config {
+            batch: 1,
+            ..Config::default()
         },
     );
     let at = 2 * p;

@@ -1,12 +1,12 @@
 //! Child processes: how one is started, and its pipes: `go` in, the
 //! result line out.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use super::spec::{ChildResult, ChildSpec, ERROR_TAG, RESULT_TAG, Role};
@@ -75,15 +75,7 @@ impl ChildProc {
             .map_err(|e| format!("starting {}: {e}", launcher.exe.display()))?;
         let pidfd = PidFd::open(child.id() as i32).map_err(|e| e.to_string())?;
         let stdout = child.stdout.take().ok_or("no child stdout")?;
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = crate::testkit::harness::line_channel(stdout);
         let stdin = child.stdin.take();
         Ok(ChildProc {
             child,

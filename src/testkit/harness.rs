@@ -53,6 +53,21 @@ impl Drop for TempDir {
     }
 }
 
+/// The lines `out` yields, read on a thread of their own, so that a
+/// reader can wait for the next one with a time limit.
+pub fn line_channel(out: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, lines) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
 /// A peer process and its command pipe.
 pub struct PeerProcess {
     child: Child,
@@ -71,16 +86,7 @@ impl PeerProcess {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = line_channel(child.stdout.take().expect("piped"));
         let stdin = child.stdin.take();
         let pid = child.id() as i32;
         Ok(PeerProcess {
