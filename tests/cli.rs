@@ -4,18 +4,17 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 
-use common::{ServerProcess, exe, memfile, peer_args};
-use snapfault::testkit::harness::{PeerProcess, TempDir};
+use common::{ServerProcess, Setup, exe};
 
 /// `snapfault SOCKET MEMFILE`, the way Firecracker's tests start their
 /// example handler: serves a VM, exits 0 when it exits, logs one summary
 /// line, writes the metrics file.
 #[test]
 fn drop_in_command_line_serves_and_exits_with_its_vm() {
-    let dir = TempDir::new("cli").unwrap();
-    let mem = memfile(dir.path(), 8);
-    let sock = dir.path().join("sock");
-    let metrics = dir.path().join("metrics.prom");
+    let setup = Setup::new("cli", 8);
+    let (mem, sock) = (&setup.mem, &setup.sock);
+    let metrics = setup.dir.path().join("metrics.prom");
+    // No `serve` word: the command line Firecracker's tests use.
     let server = ServerProcess::start(
         &[
             sock.to_str().unwrap(),
@@ -23,9 +22,9 @@ fn drop_in_command_line_serves_and_exits_with_its_vm() {
             "--metrics-file",
             metrics.to_str().unwrap(),
         ],
-        &sock,
+        sock,
     );
-    let mut peer = PeerProcess::spawn(&exe(), &peer_args(&sock, 8, &[])).unwrap();
+    let mut peer = setup.peer(&[]);
     peer.ready().unwrap();
     peer.ok("read 0 8m threads=2");
     peer.ok("remove 2m 2m");
@@ -61,14 +60,9 @@ fn drop_in_command_line_serves_and_exits_with_its_vm() {
 /// and go on running: the server keeps serving until the process exits.
 #[test]
 fn legacy_peer_closing_its_connection_is_still_served() {
-    let dir = TempDir::new("cli").unwrap();
-    let mem = memfile(dir.path(), 8);
-    let sock = dir.path().join("sock");
-    let server = ServerProcess::start(
-        &["serve", sock.to_str().unwrap(), mem.to_str().unwrap()],
-        &sock,
-    );
-    let mut peer = PeerProcess::spawn(&exe(), &peer_args(&sock, 8, &["--legacy"])).unwrap();
+    let setup = Setup::new("cli", 8);
+    let server = setup.serve(&[]);
+    let mut peer = setup.peer(&["--legacy"]);
     peer.ready().unwrap();
     peer.ok("read 0 8m");
     peer.ok("remove 0 4m");
@@ -84,14 +78,9 @@ fn legacy_peer_closing_its_connection_is_still_served() {
 /// VM (rather than leave it hanging on its next fault) and exits 1.
 #[test]
 fn termination_signal_fails_closed() {
-    let dir = TempDir::new("cli").unwrap();
-    let mem = memfile(dir.path(), 8);
-    let sock = dir.path().join("sock");
-    let server = ServerProcess::start(
-        &["serve", sock.to_str().unwrap(), mem.to_str().unwrap()],
-        &sock,
-    );
-    let mut peer = PeerProcess::spawn(&exe(), &peer_args(&sock, 8, &[])).unwrap();
+    let setup = Setup::new("cli", 8);
+    let server = setup.serve(&[]);
+    let mut peer = setup.peer(&[]);
     peer.ready().unwrap();
     peer.ok("read 0 1m");
     let status = std::process::Command::new("kill")
@@ -112,18 +101,9 @@ fn termination_signal_fails_closed() {
 /// JSON logs: every line is one JSON object.
 #[test]
 fn json_logs() {
-    let dir = TempDir::new("cli").unwrap();
-    let mem = memfile(dir.path(), 4);
-    let sock = dir.path().join("sock");
-    let args = [
-        "serve",
-        sock.to_str().unwrap(),
-        mem.to_str().unwrap(),
-        "--log-format",
-        "json",
-    ];
-    let server = ServerProcess::start(&args, &sock);
-    let mut peer = PeerProcess::spawn(&exe(), &peer_args(&sock, 4, &[])).unwrap();
+    let setup = Setup::new("cli", 4);
+    let server = setup.serve(&["--log-format", "json"]);
+    let mut peer = setup.peer(&[]);
     peer.ready().unwrap();
     peer.exit().unwrap();
     let (code, log) = server.wait();

@@ -7,22 +7,14 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 
-use common::{ServerProcess, memfile, peer_args};
-use snapfault::testkit::harness::{PeerProcess, TempDir};
+use common::Setup;
 
 /// Runs one bad handshake; returns the server's log.
 #[track_caller]
 fn refused(more: &[&str], want: &str, peer_killed: bool) -> String {
-    let dir = TempDir::new("hs").unwrap();
-    let mem = memfile(dir.path(), 4);
-    let sock = dir.path().join("sock");
-    let server = ServerProcess::start(
-        &["serve", sock.to_str().unwrap(), mem.to_str().unwrap()],
-        &sock,
-    );
-    let mut args = peer_args(&sock, 4, &["--no-boot-writes"]);
-    args.extend(more.iter().map(|s| s.to_string()));
-    let mut peer = PeerProcess::spawn(&common::exe(), &args).unwrap();
+    let setup = Setup::new("hs", 4);
+    let server = setup.serve(&[]);
+    let mut peer = setup.peer(&[&["--no-boot-writes"], more].concat());
     let (code, log) = server.wait();
     assert_eq!(code, Some(1), "server status; log:\n{log}");
     assert!(log.contains(want), "log lacks {want:?}:\n{log}");
@@ -163,25 +155,17 @@ fn no_page_size_field() {
 
 #[test]
 fn silence_times_out_and_an_early_close_is_reported() {
-    let dir = TempDir::new("hs").unwrap();
-    let mem = memfile(dir.path(), 4);
-    let sock = dir.path().join("sock");
-    let args = [
-        "serve",
-        sock.to_str().unwrap(),
-        mem.to_str().unwrap(),
-        "--handshake-timeout-ms",
-        "300",
-    ];
-    let server = ServerProcess::start(&args, &sock);
-    let client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let setup = Setup::new("hs", 4);
+    let (args, sock) = (["--handshake-timeout-ms", "300"], &setup.sock);
+    let server = setup.serve(&args);
+    let client = std::os::unix::net::UnixStream::connect(sock).unwrap();
     let (code, log) = server.wait();
     drop(client);
     assert_eq!(code, Some(1));
     assert!(log.contains("no complete handshake within"), "{log}");
 
-    let server = ServerProcess::start(&args, &sock);
-    drop(std::os::unix::net::UnixStream::connect(&sock).unwrap());
+    let server = setup.serve(&args);
+    drop(std::os::unix::net::UnixStream::connect(sock).unwrap());
     let (code, log) = server.wait();
     assert_eq!(code, Some(1));
     assert!(log.contains("closed the connection after 0 bytes"), "{log}");
@@ -189,19 +173,16 @@ fn silence_times_out_and_an_early_close_is_reported() {
 
 #[test]
 fn a_live_socket_is_not_stolen_and_a_stale_one_is_replaced() {
-    let dir = TempDir::new("hs").unwrap();
-    let mem = memfile(dir.path(), 4);
-    let sock = dir.path().join("sock");
-    let args = ["serve", sock.to_str().unwrap(), mem.to_str().unwrap()];
-    let first = ServerProcess::start(&args, &sock);
-    let (code, log) = ServerProcess::start(&args, &sock).wait();
+    let setup = Setup::new("hs", 4);
+    let first = setup.serve(&[]);
+    let (code, log) = setup.serve(&[]).wait();
     assert_eq!(code, Some(1));
     assert!(log.contains("in use by a listening server"), "{log}");
     drop(first);
     // The killed server left its socket file behind.
-    assert!(sock.exists());
-    let second = ServerProcess::start(&args, &sock);
-    let mut peer = PeerProcess::spawn(&common::exe(), &peer_args(&sock, 4, &[])).unwrap();
+    assert!(setup.sock.exists());
+    let second = setup.serve(&[]);
+    let mut peer = setup.peer(&[]);
     peer.ready().unwrap();
     peer.ok("read 0 4m");
     peer.exit().unwrap();

@@ -96,19 +96,7 @@ pub fn touch(vm: &GuestVm<'_>, spec: &ChildSpec) -> Result<ChildResult, String> 
                     let warm = vm.run(i as u32, warm).map_err(|e| e.to_string());
                     barrier.wait();
                     warm?;
-                    let before = Counts::this_thread();
-                    let start = Instant::now();
-                    let out = vm.run(i as u32, op).map_err(|e| e.to_string())?;
-                    let end = Instant::now();
-                    let counts = Counts::this_thread().since(&before);
-                    let t = Timed {
-                        start,
-                        end,
-                        counts,
-                        samples: Vec::new(),
-                        exits: out.exits,
-                    };
-                    Ok((t, out.value))
+                    timed_run(vm, i as u32, op)
                 })
             })
             .collect();
@@ -126,6 +114,24 @@ pub fn touch(vm: &GuestVm<'_>, spec: &ChildSpec) -> Result<ChildResult, String> 
     Ok(combine(timed, order.len() as u64))
 }
 
+/// Runs `op` on `vcpu`, timed and with this thread's counts; returns the
+/// timing and the guest's result.
+fn timed_run(vm: &GuestVm<'_>, vcpu: u32, op: GuestOp) -> Result<(Timed, u64), String> {
+    let before = Counts::this_thread();
+    let start = Instant::now();
+    let out = vm.run(vcpu, op).map_err(|e| e.to_string())?;
+    let end = Instant::now();
+    let counts = Counts::this_thread().since(&before);
+    let t = Timed {
+        start,
+        end,
+        counts,
+        samples: Vec::new(),
+        exits: out.exits,
+    };
+    Ok((t, out.value))
+}
+
 /// One vCPU reads the whole data area, from right after `go`: nothing was
 /// faulted in before, not even the guest's code and page tables.
 pub fn ready(vm: &GuestVm<'_>, spec: &ChildSpec) -> Result<ChildResult, String> {
@@ -135,18 +141,7 @@ pub fn ready(vm: &GuestVm<'_>, spec: &ChildSpec) -> Result<ChildResult, String> 
         pages,
         stride_pages: 1,
     };
-    let before = Counts::this_thread();
-    let start = Instant::now();
-    let out = vm.run(0, op).map_err(|e| e.to_string())?;
-    let end = Instant::now();
-    let counts = Counts::this_thread().since(&before);
-    check_sum(spec, out.value, op.visited_pages().unwrap_or_default())?;
-    let t = Timed {
-        start,
-        end,
-        counts,
-        samples: Vec::new(),
-        exits: out.exits,
-    };
+    let (t, value) = timed_run(vm, 0, op)?;
+    check_sum(spec, value, op.visited_pages().unwrap_or_default())?;
     Ok(combine(vec![t], pages))
 }

@@ -203,6 +203,53 @@ impl Drop for ServerProcess {
     }
 }
 
+/// A temporary directory with a memory file of `mib` MiB (seed 1) and
+/// the path of a server socket beside it.
+pub struct Setup {
+    /// The directory (removed on drop).
+    pub dir: snapfault::testkit::harness::TempDir,
+    /// The memory file.
+    pub mem: PathBuf,
+    /// The socket path.
+    pub sock: PathBuf,
+    /// The memory file's size in MiB.
+    pub mib: u64,
+}
+
+impl Setup {
+    /// Makes the directory and the memory file.
+    pub fn new(tag: &str, mib: u64) -> Setup {
+        let dir = snapfault::testkit::harness::TempDir::new(tag).unwrap();
+        let mem = memfile(dir.path(), mib);
+        let sock = dir.path().join("sock");
+        Setup {
+            dir,
+            mem,
+            sock,
+            mib,
+        }
+    }
+
+    /// `snapfault serve SOCK MEM EXTRA…`, started and listening.
+    #[track_caller]
+    pub fn serve(&self, extra: &[&str]) -> ServerProcess {
+        let mut args = vec![
+            "serve",
+            self.sock.to_str().unwrap(),
+            self.mem.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ServerProcess::start(&args, &self.sock)
+    }
+
+    /// A peer for this socket and memory size, with `more` arguments.
+    #[track_caller]
+    pub fn peer(&self, more: &[&str]) -> snapfault::testkit::harness::PeerProcess {
+        let args = peer_args(&self.sock, self.mib, more);
+        snapfault::testkit::harness::PeerProcess::spawn(&exe(), &args).unwrap()
+    }
+}
+
 /// Writes a memory file of `mib` MiB (seed 1) in `dir`.
 pub fn memfile(dir: &std::path::Path, mib: u64) -> PathBuf {
     let path = dir.join("mem");
